@@ -1,0 +1,49 @@
+"""Script arguments (dataclasses parsed by TRL's `TrlParser`) and the positional-YAML convenience."""
+
+import sys
+from dataclasses import dataclass, field
+
+from trl import ScriptArguments, TrlParser
+
+
+@dataclass
+class ArenaScriptArguments(ScriptArguments):
+    """Data arguments of `scripts/sft.py`: which arena files to train on and how to split/augment them."""
+
+    train_files: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Arena files (.csv/.json/.jsonl/.parquet; Kaggle or arena-conversations schema), concatenated."},
+    )
+    val_files: list[str] | None = field(
+        default=None, metadata={"help": "Explicit validation files; when unset, a grouped split of the train files."}
+    )
+    val_fraction: float = field(default=0.2, metadata={"help": "Validation share of the grouped split (0.2 = 5 folds)."})
+    fold: int = field(default=0, metadata={"help": "Which fold of round(1 / val_fraction) grouped folds validates."})
+    swap_augment: float = field(
+        default=0.0, metadata={"help": "A/B-swapped copies of training rows to add: a count, or a fraction if < 1."}
+    )
+    max_train_rows: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
+    max_val_rows: int | None = field(default=None, metadata={"help": "Keep only the first N validation rows."})
+    num_proc: int | None = field(default=None, metadata={"help": "Worker processes for the formatting `map`."})
+    formatting_cache_dir: str | None = field(
+        default=None, metadata={"help": "Cache the formatted rows here (keyed by data, tokenizer and max_length)."}
+    )
+
+    def __post_init__(self):
+        if not self.train_files:
+            raise ValueError("train_files is required: one or more arena data files (e.g. data/train.csv)")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.swap_augment < 0:
+            raise ValueError(f"swap_augment must be >= 0 (a count or a fraction), got {self.swap_augment}")
+
+
+def parse(dataclass_types, argv: list[str] | None = None):
+    """Parse dataclasses with `TrlParser`; a YAML file as the first argument means `--config <file>`.
+
+    Precedence: dataclass defaults < YAML < command line.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        argv.insert(0, "--config")
+    return TrlParser(dataclass_types).parse_args_and_config(args=argv)

@@ -1,0 +1,210 @@
+"""Load arena rows (Kaggle `train.csv`/`test.csv` or the extra arena-conversations set), validate, split, augment."""
+
+import hashlib
+import json
+import os
+import random
+from collections.abc import Sequence
+
+import pandas as pd
+from datasets import Dataset, concatenate_datasets
+
+
+LETTERS = ("A", "B", "C")
+KAGGLE_COLUMNS = ("id", "prompt", "response_a", "response_b")
+WINNER_COLUMNS = ("winner_model_a", "winner_model_b", "winner_tie")
+EXTRA_COLUMNS = ("question_id", "winner", "conversation_a", "conversation_b")
+EXTRA_WINNERS = {"model_a": 0, "model_b": 1, "tie": 2, "tie (bothbad)": 2}
+COLUMNS = ("id", "prompt", "response_a", "response_b", "label")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the row id."""
+
+
+def _read_table(path: str) -> pd.DataFrame:
+    """Read CSV / JSON / JSONL / Parquet into a DataFrame, keeping every cell as written."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    ext = path.lower().rsplit(".", 1)[-1]
+    try:
+        if ext == "csv":
+            return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8")
+        if ext in ("jsonl", "ndjson"):
+            return pd.read_json(path, lines=True, dtype=False, encoding="utf-8")
+        if ext == "json":
+            return pd.read_json(path, dtype=False, encoding="utf-8")
+        if ext == "parquet":
+            return pd.read_parquet(path)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte offset {err.start}); re-save the file as UTF-8") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty; give a file with a header and at least one row") from None
+    except ValueError as err:
+        raise DataError(f"{path}: cannot be parsed as {ext}: {err}") from None
+    raise DataError(f"{path}: unsupported file type '.{ext}' (use .csv, .json, .jsonl or .parquet)")
+
+
+def _turns(cell, path: str, row_id: str, column: str) -> list:
+    """A JSON list cell (string or already-parsed list) as a Python list."""
+    if isinstance(cell, str):
+        try:
+            cell = json.loads(cell)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: row id {row_id}: column '{column}' is not valid JSON ({err.msg})") from None
+    elif hasattr(cell, "tolist"):  # numpy arrays from Parquet
+        cell = cell.tolist()
+    if not isinstance(cell, list) or not cell:
+        raise DataError(f"{path}: row id {row_id}: column '{column}' must be a non-empty JSON list of turns")
+    return cell
+
+
+def _text(value) -> str:
+    """A turn as text: null / empty becomes the literal 'None' (as the reference does)."""
+    if value is None or value == "":
+        return "None"
+    if isinstance(value, bool):
+        return str(value)
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _check_columns(df: pd.DataFrame, required: Sequence[str], path: str) -> None:
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing required column(s) {missing}; found {list(df.columns)}")
+
+
+def _kaggle_rows(df: pd.DataFrame, path: str) -> list[dict]:
+    _check_columns(df, KAGGLE_COLUMNS, path)
+    labelled = any(c in df.columns for c in WINNER_COLUMNS)
+    if labelled:
+        _check_columns(df, WINNER_COLUMNS, path)
+    rows = []
+    for record in df.to_dict("records"):
+        row_id = str(record["id"])
+        turns = {c: [_text(t) for t in _turns(record[c], path, row_id, c)] for c in KAGGLE_COLUMNS[1:]}
+        lengths = {c: len(v) for c, v in turns.items()}
+        if len(set(lengths.values())) != 1:
+            raise DataError(f"{path}: row id {row_id}: unequal turn counts {lengths}; each turn needs a prompt and two responses")
+        label = -1
+        if labelled:
+            try:
+                flags = [int(float(record[c])) for c in WINNER_COLUMNS]
+            except (TypeError, ValueError):
+                raise DataError(f"{path}: row id {row_id}: winner columns must be 0/1") from None
+            if sorted(flags) != [0, 0, 1]:
+                raise DataError(
+                    f"{path}: row id {row_id}: exactly one of {list(WINNER_COLUMNS)} must be 1, got {flags}"
+                )
+            label = flags.index(1)
+        rows.append({"id": row_id, **turns, "label": label})
+    return rows
+
+
+def _extra_rows(df: pd.DataFrame, path: str) -> list[dict]:
+    """Rows of the arena-conversations schema: conversations are lists of {role, content} messages."""
+    _check_columns(df, EXTRA_COLUMNS, path)
+    rows = []
+    for record in df.to_dict("records"):
+        row_id = str(record["question_id"])
+        winner = record["winner"]
+        if winner not in EXTRA_WINNERS:
+            raise DataError(f"{path}: row id {row_id}: winner {winner!r} is not one of {sorted(EXTRA_WINNERS)}")
+        sides = {}
+        for side in ("a", "b"):
+            column = f"conversation_{side}"
+            messages = _turns(record[column], path, row_id, column)
+            try:
+                sides[side] = {
+                    role: [_text(m["content"]) for m in messages if m["role"] == role] for role in ("user", "assistant")
+                }
+            except (TypeError, KeyError):
+                raise DataError(f"{path}: row id {row_id}: '{column}' must hold {{role, content}} messages") from None
+        prompt = sides["a"]["user"]
+        if not (len(prompt) == len(sides["a"]["assistant"]) == len(sides["b"]["assistant"]) > 0):
+            counts = {s: len(v["assistant"]) for s, v in sides.items()}
+            raise DataError(
+                f"{path}: row id {row_id}: unequal turn counts (prompts {len(prompt)}, responses {counts})"
+            )
+        rows.append(
+            {
+                "id": row_id,
+                "prompt": prompt,
+                "response_a": sides["a"]["assistant"],
+                "response_b": sides["b"]["assistant"],
+                "label": EXTRA_WINNERS[winner],
+            }
+        )
+    return rows
+
+
+def group_key(row: dict) -> str:
+    """Rows with the same prompt and the same pair of responses (either order) share a key."""
+    responses = sorted([json.dumps(row["response_a"]), json.dumps(row["response_b"])])
+    payload = json.dumps([row["prompt"], *responses], ensure_ascii=False)
+    return hashlib.sha1(payload.encode("utf-8")).hexdigest()
+
+
+def load_arena(paths: str | Sequence[str]) -> Dataset:
+    """Load and validate arena rows from one or more files into a `datasets.Dataset`.
+
+    Columns: `id` (str), `prompt`, `response_a`, `response_b` (lists of turn strings; null/empty -> "None") and
+    `label` (0 = A, 1 = B, 2 = tie, -1 = unlabelled). Kaggle-schema files come first; rows of the extra
+    arena-conversations schema that repeat a Kaggle row (same prompt and responses) are dropped.
+    Raises `DataError` naming the file and row id on bad input.
+    """
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise DataError("no data files given")
+    kaggle, extra = [], []
+    for path in map(str, paths):
+        df = _read_table(path)
+        if len(df) == 0:
+            raise DataError(f"{path}: the file has no rows")
+        if "conversation_a" in df.columns or "question_id" in df.columns:
+            extra.extend(_extra_rows(df, path))
+        else:
+            kaggle.extend(_kaggle_rows(df, path))
+    seen = {group_key(r) for r in kaggle}
+    rows = kaggle + [r for r in extra if group_key(r) not in seen]
+    ids = [r["id"] for r in rows]
+    duplicated = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
+    if duplicated:
+        raise DataError(f"{', '.join(paths)}: duplicate row id(s) {duplicated[:5]}; ids must be unique")
+    return Dataset.from_dict({c: [r[c] for r in rows] for c in COLUMNS})
+
+
+def split_train_val(dataset: Dataset, val_fraction: float = 0.2, seed: int = 42, fold: int = 0) -> tuple:
+    """Grouped split: the groups of `group_key` are dealt into round(1 / val_fraction) folds; `fold` is validation.
+
+    Identical prompt+responses never straddle train and validation. Returns (train, val).
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    num_folds = max(2, round(1 / val_fraction))
+    if not 0 <= fold < num_folds:
+        raise ValueError(f"fold must be in [0, {num_folds}) for val_fraction={val_fraction}, got {fold}")
+    keys = [group_key(row) for row in dataset]
+    groups = sorted(set(keys))
+    random.Random(seed).shuffle(groups)
+    fold_of = {g: i % num_folds for i, g in enumerate(groups)}
+    val_idx = [i for i, k in enumerate(keys) if fold_of[k] == fold]
+    train_idx = [i for i, k in enumerate(keys) if fold_of[k] != fold]
+    return dataset.select(train_idx), dataset.select(val_idx)
+
+
+def swap_row(row: dict) -> dict:
+    """Exchange responses A and B; labels A <-> B, tie stays (unlabelled stays -1)."""
+    label = {0: 1, 1: 0}.get(row["label"], row["label"])
+    return {**row, "response_a": row["response_b"], "response_b": row["response_a"], "label": label}
+
+
+def swap_augment(dataset: Dataset, amount: float, seed: int = 42) -> Dataset:
+    """Append A/B-swapped copies of `amount` rows (an int count, or a fraction when < 1) to a training set."""
+    count = int(round(amount * len(dataset))) if 0 < amount < 1 else int(amount)
+    if count <= 0:
+        return dataset
+    count = min(count, len(dataset))
+    picked = sorted(random.Random(seed).sample(range(len(dataset)), count))
+    swapped = dataset.select(picked).map(swap_row, desc="A/B swap augmentation")
+    return concatenate_datasets([dataset, swapped])

@@ -1,0 +1,193 @@
+"""QLoRA SFT with TRL's `SFTTrainer`: data -> conversational records -> completion-only loss on the answer letter."""
+
+import json
+import logging
+import os
+
+import numpy as np
+import torch
+
+from .data import load_arena, split_train_val, swap_augment
+from .formatting import format_dataset
+from .metrics import accuracy, log_loss, softmax
+from .model import default_attn_implementation, letter_token_ids, load_tokenizer, resolve_dtype
+
+
+logger = logging.getLogger(__name__)
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+def build_datasets(script_args, tokenizer, max_length: int, seed: int):
+    """Load, split (grouped), swap-augment the training part, and format both parts for training."""
+    rows = load_arena(script_args.train_files)
+    if script_args.val_files:
+        train, val = rows, load_arena(script_args.val_files)
+    else:
+        train, val = split_train_val(rows, script_args.val_fraction, seed=seed, fold=script_args.fold)
+    if script_args.max_train_rows:
+        train = train.select(range(min(script_args.max_train_rows, len(train))))
+    if script_args.max_val_rows:
+        val = val.select(range(min(script_args.max_val_rows, len(val))))
+    train = swap_augment(train, script_args.swap_augment, seed=seed)
+    kwargs = dict(num_proc=script_args.num_proc, cache_dir=script_args.formatting_cache_dir)
+    train = format_dataset(train, tokenizer, max_length, "train", **kwargs)
+    val = format_dataset(val, tokenizer, max_length, "train", **kwargs) if len(val) else None
+    return train, val
+
+
+class AnswerMetrics:
+    """`preprocess_logits_for_metrics` + `compute_metrics` pair: log loss / accuracy over the A/B/C logits.
+
+    The answer position is the one before the first completion label, so only 3 logits per row leave the GPU.
+    """
+
+    def __init__(self, letter_ids: list[int]):
+        self.letter_ids = letter_ids
+
+    def preprocess(self, logits, labels):
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        first = (labels != -100).int().argmax(dim=1)
+        rows = torch.arange(labels.shape[0], device=labels.device)
+        return logits[rows, first - 1][:, self.letter_ids].float()
+
+    def __call__(self, eval_pred) -> dict:
+        letter_logits, labels = eval_pred.predictions, eval_pred.label_ids
+        first = (labels != -100).argmax(axis=1)
+        answer_tokens = labels[np.arange(len(labels)), first]
+        targets = np.array([self.letter_ids.index(t) for t in answer_tokens])
+        probs = softmax(letter_logits)
+        return {"log_loss": log_loss(probs, targets), "accuracy": accuracy(probs, targets)}
+
+
+def write_model_card(output_dir: str, script_args, training_args, model_args, metrics: dict) -> str:
+    """README.md for the adapter: base model, data, hyper-parameters and validation metrics."""
+    hparams = {
+        k: getattr(training_args, k)
+        for k in (
+            "learning_rate", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+            "lr_scheduler_type", "warmup_steps", "weight_decay", "max_length", "seed", "optim",
+        )
+    }
+    hparams.update({k: getattr(model_args, k) for k in ("lora_r", "lora_alpha", "lora_dropout", "load_in_4bit")})
+    hparams["lora_target_modules"] = model_args.lora_target_modules
+    lines = [
+        "---",
+        f"base_model: {model_args.model_name_or_path}",
+        "library_name: peft",
+        "tags: [lmsys-trl, trl, sft, lora, lmsys-arena]",
+        "---",
+        f"# {os.path.basename(os.path.abspath(output_dir))}",
+        "",
+        f"LoRA adapter for `{model_args.model_name_or_path}` trained with lmsys-trl to predict which of two chatbot "
+        "answers people prefer: the model answers `A`, `B` or `C` (tie) after the comparison prompt.",
+        "",
+        "## Data",
+        f"- train files: {', '.join(script_args.train_files)}",
+        f"- validation: {', '.join(script_args.val_files) if script_args.val_files else f'grouped split, fraction {script_args.val_fraction}, fold {script_args.fold}'}",  # noqa: E501
+        f"- A/B swap augmentation: {script_args.swap_augment}",
+        "",
+        "## Hyper-parameters",
+        "```json",
+        json.dumps(hparams, indent=2, default=str),
+        "```",
+        "",
+        "## Validation metrics",
+        "```json",
+        json.dumps(metrics, indent=2),
+        "```",
+        "",
+    ]
+    path = os.path.join(output_dir, "README.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def push_adapter(output_dir: str, repo_id: str, token: str | None = None, private: bool | None = None) -> str:
+    """Upload the adapter, tokenizer, model card and metrics of `output_dir` (never checkpoints) to the Hub."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=output_dir,
+            ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**", "training_args.bin"],
+            commit_message="Upload lmsys-trl adapter",
+        )
+    except Exception as err:
+        raise RuntimeError(
+            f"push to the Hub repo '{repo_id}' failed ({type(err).__name__}: {err}). The adapter is saved locally "
+            f"in {output_dir}; retry with `hf upload {repo_id} {output_dir}` once the network/token is fixed."
+        ) from err
+    return getattr(commit, "commit_url", repo_id)
+
+
+def run_sft(script_args, training_args, model_args):
+    """The whole training run: tokenizer -> data -> model -> SFTTrainer -> save (+ card, metrics, push)."""
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+    from accelerate import PartialState
+    from trl import SFTTrainer, get_peft_config, get_quantization_config
+
+    set_seed(training_args.seed)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last"):
+        resume = get_last_checkpoint(training_args.output_dir)
+        if resume is None:
+            logger.info("No checkpoint in %s: training from scratch", training_args.output_dir)
+
+    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision, training_args.trust_remote_code)
+    letter_ids = letter_token_ids(tokenizer)
+    train, val = build_datasets(script_args, tokenizer, training_args.max_length, training_args.seed)
+    logger.info("Rows: %d train, %d validation", len(train), len(val) if val is not None else 0)
+
+    quantization_config = get_quantization_config(model_args)
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "dtype": resolve_dtype(model_args.dtype),
+        "attn_implementation": default_attn_implementation(
+            model_args.model_name_or_path, model_args.attn_implementation, model_args.model_revision
+        ),
+        # k-bit weights go whole onto this process's device (TRL resets it for DDP / DeepSpeed)
+        **({"device_map": {"": PartialState().local_process_index}} if quantization_config is not None else {}),
+        **(training_args.model_init_kwargs or {}),
+    }
+    # The Trainer's own push (repo creation at init, pushes on every save) is replaced by one push at the end.
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+    metrics_fn = AnswerMetrics(letter_ids)
+    trainer = SFTTrainer(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=val,
+        processing_class=tokenizer,
+        quantization_config=quantization_config,
+        peft_config=get_peft_config(model_args),
+        compute_metrics=metrics_fn if val is not None else None,
+        preprocess_logits_for_metrics=metrics_fn.preprocess if val is not None else None,
+    )
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    trainer.log_metrics("train", train_result.metrics)
+    metrics = {"train_loss": train_result.metrics.get("train_loss")}
+    if val is not None:
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        metrics.update({k: v for k, v in eval_metrics.items() if k in ("eval_log_loss", "eval_accuracy", "eval_loss")})
+
+    trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        with open(os.path.join(training_args.output_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        write_model_card(training_args.output_dir, script_args, training_args, model_args, metrics)
+        trainer.accelerator.print(f"Adapter saved to {os.path.abspath(training_args.output_dir)}")
+        if push_to_hub:
+            repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
+            url = push_adapter(training_args.output_dir, repo_id, training_args.hub_token, training_args.hub_private_repo)
+            trainer.accelerator.print(f"Adapter pushed: {url}")
+    trainer.accelerator.wait_for_everyone()
+    return trainer, metrics
