@@ -1,0 +1,253 @@
+"""Score arena rows with a (base model + LoRA adapters): A/B/C letter logits at the answer position, swap TTA.
+
+Each row is the training prompt in inference mode (`formatting.comparison_text(mode="infer")`) rendered by the chat
+template up to the assistant turn, so the next token is the answer letter. Rows are length-sorted into batches under
+a token budget, left-padded with explicit position ids, and only the last position reaches the LM head
+(`logits_to_keep=1`). Results come back in input order.
+"""
+
+import importlib.util
+import logging
+import os
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import swap_row
+from .formatting import chat_token_ids, format_example
+from .metrics import softmax
+from .model import default_attn_implementation, letter_token_ids, load_tokenizer
+
+
+logger = logging.getLogger(__name__)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "8bit", "4bit")
+SWAP_BACK = [1, 0, 2]  # probabilities of a swapped row, reordered to the original A/B
+
+
+# ----------------------------------------------------------------------------------------------- model loading
+
+
+def same_model(trained_on: str | None, base_model: str) -> bool:
+    """Whether an adapter's recorded base model names `base_model`: equal ids, the same local path, or equal
+    final path components (a hub id and a local copy of it, e.g. `google/gemma-2-9b-it` and `/models/gemma-2-9b-it`).
+    """
+    if not trained_on:
+        return True  # nothing recorded: nothing to check
+    a, b = trained_on.rstrip("/\\"), base_model.rstrip("/\\")
+    if a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)):
+        return True
+    return os.path.basename(a).lower() == os.path.basename(b).lower()
+
+
+def check_adapter_base(adapter: str, base_model: str, allow_mismatch: bool = False) -> None:
+    """Raise a clear error when `adapter` was trained on another base model than `base_model`."""
+    from peft import PeftConfig
+
+    try:
+        trained_on = PeftConfig.from_pretrained(adapter).base_model_name_or_path
+    except Exception as err:
+        raise ValueError(
+            f"{adapter}: not a LoRA adapter (no readable adapter_config.json): {type(err).__name__}: {err}"
+        ) from None
+    if same_model(trained_on, base_model):
+        return
+    message = f"adapter {adapter} was trained on base model '{trained_on}', but --base_model is '{base_model}'"
+    if not allow_mismatch:
+        raise ValueError(f"{message}; pass the matching --base_model, or --allow_base_mismatch true to use it anyway")
+    logger.warning("%s (allowed by --allow_base_mismatch)", message)
+
+
+def load_kwargs(precision: str, device: str) -> dict:
+    """`from_pretrained` kwargs for a precision: fp32 / bf16 / fp16, or bitsandbytes 8-bit / 4-bit (nf4, bf16 compute)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        precision = "bf16" if device.startswith("cuda") else "fp32"
+    if precision in ("fp32", "bf16", "fp16"):
+        return {"dtype": {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]}
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(
+            f"precision {precision} needs bitsandbytes (`pip install lmsys-trl[quantization]`, CUDA only); "
+            "use --precision bf16 or fp32 on this machine"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if precision == "8bit":
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    return {"dtype": torch.bfloat16, "quantization_config": quantization, "device_map": {"": device}}
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_model(
+    base_model: str,
+    adapters: list[str],
+    precision: str = "auto",
+    device: str = "auto",
+    attn_implementation: str | None = None,
+    allow_base_mismatch: bool = False,
+    trust_remote_code: bool = False,
+):
+    """Base model (local path or hub id) at `precision`, with LoRA adapters applied together; eval mode.
+
+    Several adapters are stacked: all of them are active at once (their weight deltas add up).
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(device)
+    for adapter in adapters:
+        check_adapter_base(adapter, base_model, allow_base_mismatch)
+    kwargs = load_kwargs(precision, device)
+    model = AutoModelForCausalLM.from_pretrained(
+        base_model,
+        attn_implementation=default_attn_implementation(base_model, attn_implementation),
+        trust_remote_code=trust_remote_code,
+        **kwargs,
+    )
+    if "device_map" not in kwargs:
+        model.to(device)
+    names = [f"adapter{i}" for i in range(len(adapters))]
+    for i, (name, adapter) in enumerate(zip(names, adapters)):
+        if i == 0:
+            model = PeftModel.from_pretrained(model, adapter, adapter_name=name)
+        else:
+            model.load_adapter(adapter, adapter_name=name)
+    if len(adapters) > 1:
+        model.base_model.set_adapter(names)
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- encoding
+
+
+def encode_rows(dataset, tokenizer, max_length: int, swapped: bool = False) -> list[list[int]]:
+    """Token ids of each arena row's inference prompt (A/B exchanged when `swapped`), in input order.
+
+    A plain loop over `formatting.format_example`: a `datasets.map` would hash the tokenizer for its fingerprint,
+    which costs more than formatting a few thousand rows.
+    """
+    rows = []
+    for row in tqdm(dataset, desc=f"Formatting{' swapped' if swapped else ''} rows (max_length={max_length})"):
+        record = format_example(swap_row(row) if swapped else row, tokenizer, max_length, "infer")
+        rows.append(chat_token_ids(tokenizer, record))
+    return rows
+
+
+def length_sorted_batches(lengths, token_budget: int, max_batch_size: int | None = None) -> list[list[int]]:
+    """Row indices grouped longest-first so that rows x padded width <= `token_budget` (a longer row goes alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, current = [], []
+    for i in order:
+        full = current and (
+            (len(current) + 1) * lengths[current[0]] > token_budget
+            or (max_batch_size is not None and len(current) >= max_batch_size)
+        )
+        if full:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+# ----------------------------------------------------------------------------------------------- forward passes
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def batch_letter_logits(model, rows: list[list[int]], letter_ids: list[int], pad_token_id: int) -> torch.Tensor:
+    """(rows, 3) float32 logits of the letters at each row's last position: left padding, one LM-head position."""
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, ids in enumerate(rows):
+        input_ids[r, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[r, width - len(ids):] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    device = model_device(model)
+    logits = model(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        position_ids=position_ids.to(device),
+        logits_to_keep=1,
+        use_cache=False,
+    ).logits
+    return logits[:, -1, letter_ids].float()
+
+
+@torch.inference_mode()
+def reference_letter_logits(model, ids: list[int], letter_ids: list[int]) -> torch.Tensor:
+    """The plain path, for parity checks only: one unpadded row, full forward, logits at every position."""
+    logits = model(input_ids=torch.tensor([ids], device=model_device(model)), use_cache=False).logits
+    return logits[0, -1, letter_ids].float()
+
+
+def score_token_rows(
+    model,
+    rows: list[list[int]],
+    letter_ids: list[int],
+    pad_token_id: int,
+    token_budget: int = 8192,
+    max_batch_size: int | None = None,
+    desc: str = "Scoring",
+) -> np.ndarray:
+    """(N, 3) letter logits for token rows, scored in length-sorted batches, returned in input order."""
+    out = np.zeros((len(rows), 3), dtype=np.float64)
+    with tqdm(total=len(rows), desc=desc, unit="row") as progress:
+        for batch in length_sorted_batches([len(r) for r in rows], token_budget, max_batch_size):
+            out[batch] = batch_letter_logits(model, [rows[i] for i in batch], letter_ids, pad_token_id).cpu().numpy()
+            progress.update(len(batch))
+    return out
+
+
+def score_dataset(
+    model,
+    tokenizer,
+    dataset,
+    max_length: int,
+    swapped: bool = False,
+    token_budget: int = 8192,
+    max_batch_size: int | None = None,
+) -> np.ndarray:
+    """(N, 3) A/B/C logits of arena rows (of the A/B-swapped rows when `swapped`, letters as the model saw them)."""
+    rows = encode_rows(dataset, tokenizer, max_length, swapped)
+    pad_token_id = tokenizer.pad_token_id
+    desc = "Scoring swapped rows" if swapped else "Scoring rows"
+    return score_token_rows(model, rows, letter_token_ids(tokenizer), pad_token_id, token_budget, max_batch_size, desc)
+
+
+# ----------------------------------------------------------------------------------------------- probabilities
+
+
+def letter_probs(logits, temperature: float = 1.0, swapped_logits=None, swap_weight: float = 0.5) -> np.ndarray:
+    """softmax(logits / T); with swap TTA, averaged with the swapped rows' probabilities mapped back to A/B."""
+    probs = softmax(logits, temperature)
+    if swapped_logits is None:
+        return probs
+    swapped = softmax(swapped_logits, temperature)[:, SWAP_BACK]
+    return (1 - swap_weight) * probs + swap_weight * swapped
+
+
+def load_scoring_tokenizer(base_model: str, trust_remote_code: bool = False):
+    """The base model's tokenizer (pad token set) after checking the answer letters are single tokens."""
+    tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code)
+    letter_token_ids(tokenizer)
+    return tokenizer
