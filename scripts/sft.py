@@ -14,7 +14,7 @@ def main(argv=None):
     from lmsys_trl.train import run_sft
 
     script_args, training_args, model_args = parse((ArenaScriptArguments, SFTConfig, ModelConfig), argv)
-    run_sft(script_args, training_args, model_args)
+    return run_sft(script_args, training_args, model_args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,132 @@
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+import torch
+from conftest import REPO
+from safetensors.torch import load_file
+
+from lmsys_trl.train import push_adapter
+
+
+TINY_RECIPE = str(REPO / "tests" / "recipes" / "tiny.yaml")
+SHARED_DATA = str(REPO.parent / "shared" / "data" / "lmsys_arena_sample100.csv")
+
+
+def sft_argv(model, output_dir, *extra):
+    return [TINY_RECIPE, "--model_name_or_path", str(model), "--output_dir", str(output_dir),
+            "--train_files", SHARED_DATA, "--max_length", "160", *extra]
+
+
+def run_sft_main(argv):
+    """scripts/sft.py's main, in-process: returns (trainer, metrics)."""
+    spec = importlib.util.spec_from_file_location("sft_script", REPO / "scripts" / "sft.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script.main(argv)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama, tmp_path_factory):
+    """One tiny training run with --push_to_hub, the Hub calls mocked: (trainer, metrics, output_dir, mocks)."""
+    out = tmp_path_factory.mktemp("trained") / "adapter"
+    with mock.patch("huggingface_hub.HfApi.create_repo") as create_repo, \
+            mock.patch("huggingface_hub.HfApi.upload_folder") as upload_folder:
+        upload_folder.return_value = mock.Mock(commit_url="https://hub.local/me/tiny/commit/1")
+        trainer, metrics = run_sft_main(
+            sft_argv(tiny_llama, out, "--max_steps", "3", "--push_to_hub", "true", "--hub_model_id", "me/tiny")
+        )
+    return trainer, metrics, out, create_repo, upload_folder
+
+
+def test_training_logs_loss_and_validation_log_loss(trained):
+    trainer, metrics, out, *_ = trained
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    assert 0 < metrics["eval_log_loss"] < 5 and 0 <= metrics["eval_accuracy"] <= 1
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+
+
+def test_adapter_is_saved_non_trivial_and_every_lora_pair_trained(trained, tiny_llama):
+    _, _, out, *_ = trained
+    adapter = out / "adapter_model.safetensors"
+    assert adapter.stat().st_size > 20_000  # never the 40-byte empty adapter
+    weights = load_file(str(adapter))
+    lora_b = {k: v for k, v in weights.items() if "lora_B" in k}
+    assert len(lora_b) == 2 * 4  # 2 layers x q, k, v, o
+    assert all(v.abs().sum() > 0 for v in lora_b.values())  # lora_B starts at zero: each one got gradient
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 8 and sorted(config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), str(out))
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_B" in k}
+    assert len(loaded) == len(lora_b)
+    assert (out / "tokenizer_config.json").exists()
+
+
+def test_model_card_names_base_data_hparams_and_metrics(trained, tiny_llama):
+    _, metrics, out, *_ = trained
+    card = (out / "README.md").read_text()
+    assert f"base_model: {tiny_llama}" in card and "library_name: peft" in card
+    assert "lmsys_arena_sample100.csv" in card and '"learning_rate": 0.001' in card
+    assert f'"eval_log_loss": {metrics["eval_log_loss"]}' in card
+
+
+def test_push_to_hub_uploads_the_adapter_folder_once(trained):
+    _, _, out, create_repo, upload_folder = trained
+    create_repo.assert_called_once()
+    assert create_repo.call_args.args[0] == "me/tiny"
+    upload_folder.assert_called_once()
+    kwargs = upload_folder.call_args.kwargs
+    assert kwargs["repo_id"] == "me/tiny" and kwargs["folder_path"] == str(out)
+    assert "checkpoint-*" in kwargs["ignore_patterns"]
+    uploaded = set(os.listdir(kwargs["folder_path"]))
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "tokenizer_config.json"} <= uploaded
+
+
+def test_push_failure_keeps_the_local_adapter_and_says_how_to_retry(trained):
+    _, _, out, *_ = trained
+    before = (out / "adapter_model.safetensors").read_bytes()
+    with mock.patch("huggingface_hub.HfApi.create_repo", side_effect=ConnectionError("network down")):
+        with pytest.raises(RuntimeError, match=r"saved locally in .*retry with `hf upload me/tiny"):
+            push_adapter(str(out), "me/tiny")
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_resume_from_checkpoint_ends_where_an_uninterrupted_run_ends(tiny_llama, tmp_path):
+    steps = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--max_val_rows", "2"]
+    run_sft_main(sft_argv(tiny_llama, tmp_path / "full", *steps))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", resumed / "checkpoint-2")  # as if killed after step 2
+    trainer, _ = run_sft_main(sft_argv(tiny_llama, resumed, *steps, "--resume_from_checkpoint", "true"))
+    assert trainer.state.global_step == 4
+    full = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
+    again = load_file(str(resumed / "adapter_model.safetensors"))
+    assert full.keys() == again.keys()
+    for key in full:
+        torch.testing.assert_close(again[key], full[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_processes", [1, 2])
+def test_accelerate_launch_on_cpu(tiny_llama, tmp_path, num_processes):
+    out = tmp_path / f"launch{num_processes}"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(num_processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(REPO / "scripts" / "sft.py"), *sft_argv(tiny_llama, out, "--max_steps", "2", "--max_val_rows", "2"),
+    ]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "adapter_model.safetensors").stat().st_size > 20_000
+    assert f"Adapter saved to {out}" in result.stdout
+    assert "eval_log_loss" in json.loads((out / "metrics.json").read_text())
