@@ -251,3 +251,21 @@ def load_scoring_tokenizer(base_model: str, trust_remote_code: bool = False):
     tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code)
     letter_token_ids(tokenizer)
     return tokenizer
+
+
+def parity_check(model, tokenizer, dataset, max_length: int, token_budget: int = 8192) -> dict:
+    """Batched last-token letter probabilities vs the plain unbatched full forward, row by row (same weights)."""
+    rows = encode_rows(dataset, tokenizer, max_length)
+    letter_ids = letter_token_ids(tokenizer)
+    batched = score_token_rows(model, rows, letter_ids, tokenizer.pad_token_id, token_budget, desc="Batched")
+    plain = np.stack([reference_letter_logits(model, ids, letter_ids).cpu().numpy() for ids in rows])
+    diff = np.abs(softmax(batched) - softmax(plain))
+    lengths = [len(r) for r in rows]
+    return {
+        "rows": len(rows),
+        "min_tokens": min(lengths),
+        "max_tokens": max(lengths),
+        "batches": len(length_sorted_batches(lengths, token_budget)),
+        "max_abs_prob_diff": float(diff.max()),
+        "max_abs_logit_diff": float(np.abs(batched - plain).max()),
+    }
