@@ -1,0 +1,154 @@
+"""scripts/eval.py end to end: a trained tiny adapter on PANDALM rows, the Kaggle submission format, caching,
+refusals (existing results, base-model mismatch), ensembles and the shipped eval recipes."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from dataclasses import fields
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import KAGGLE_TEST, PANDALM, REPO
+from lmsys_trl.configs import parse
+from lmsys_trl.evaluation import RESULT_FILES, EvalArguments, MemberScorer
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("eval_script", REPO / "scripts" / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_llama, tmp_path_factory):
+    """A LoRA adapter trained for two steps by scripts/sft.py with the tiny recipe."""
+    out = tmp_path_factory.mktemp("adapter")
+    command = [
+        sys.executable, str(REPO / "scripts" / "sft.py"), str(REPO / "tests" / "recipes" / "tiny.yaml"),
+        "--model_name_or_path", str(tiny_llama), "--output_dir", str(out), "--max_steps", "2",
+        "--max_train_rows", "4", "--swap_augment", "0", "--max_val_rows", "1",
+        "--train_files", str(REPO.parent / "shared" / "data" / "lmsys_arena_sample100.csv"),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def run(argv):
+    return load_script().main([str(a) for a in argv])
+
+
+def base_argv(tiny_llama, tiny_adapter, out, rows=24):
+    return ["--base_model", tiny_llama, "--adapters", tiny_adapter, "--data", PANDALM, "--max_rows", rows,
+            "--max_length", 256, "--out", out, "--token_budget", 2048]
+
+
+def test_eval_of_a_trained_adapter_writes_every_output(tiny_llama, tiny_adapter, tmp_path, capsys):
+    out = tmp_path / "eval"
+    metrics = run(base_argv(tiny_llama, tiny_adapter, out) + ["--swap_tta", "--post_process", "--temperature", 1.03])
+    for name in (*RESULT_FILES, "reliability.png", "confusion.png", "loss_by_length.png"):
+        assert (out / name).is_file(), name
+    assert '"log_loss"' in capsys.readouterr().out  # the metrics are printed
+    expected = pd.read_csv(PANDALM, dtype=str).head(24)
+    submission = pd.read_csv(out / "submission.csv", dtype={"id": str})
+    assert list(submission.columns) == ["id", "winner_model_a", "winner_model_b", "winner_tie"]
+    assert submission["id"].tolist() == expected["id"].tolist()
+    probs = submission.iloc[:, 1:].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+    assert (probs > 0).all()
+    saved = json.loads((out / "metrics.json").read_text())
+    labels = np.argmax(expected[["winner_model_a", "winner_model_b", "winner_tie"]].astype(int).to_numpy(), axis=1)
+    hand = -np.mean(np.log(probs[np.arange(24), labels]))
+    assert saved["log_loss"] == pytest.approx(hand, abs=1e-9) == pytest.approx(metrics["log_loss"])
+    assert saved["rows"] == 24 and saved["temperature"] == {"value": 1.03, "source": "given"}
+    assert saved["swap_tta"]["enabled"] and set(saved["per_turn_count"]) == {"1"}
+    assert saved["post_processing"]["rows_changed"]["empty_a"] + saved["post_processing"]["rows_changed"]["empty_b"] > 0
+    member = saved["members"][tiny_adapter.name]
+    assert member["weight"] == 1.0 and member["log_loss"] != member["log_loss_no_tta"]
+    predictions = pd.read_parquet(out / "predictions.parquet")
+    assert predictions["id"].tolist() == expected["id"].tolist()
+    assert {f"{tiny_adapter.name}_{x}" for x in "abc"} <= set(predictions.columns)
+    np.testing.assert_allclose(predictions[["winner_model_a", "winner_model_b", "winner_tie"]].to_numpy(), probs)
+    # post-processing moved probability only on the rows it names
+    changed = predictions["post_process_rule"] != ""
+    member_probs = predictions[[f"{tiny_adapter.name}_{x}" for x in "abc"]].to_numpy()
+    np.testing.assert_allclose(member_probs[~changed], probs[~changed])
+    assert not np.allclose(member_probs[changed], probs[changed])
+
+
+def test_existing_results_are_refused_and_member_logits_reused(tiny_llama, tiny_adapter, tmp_path, monkeypatch):
+    out = tmp_path / "eval"
+    first = run(base_argv(tiny_llama, tiny_adapter, out, rows=8))
+    with pytest.raises(FileExistsError, match="already holds results.*--overwrite"):
+        run(base_argv(tiny_llama, tiny_adapter, out, rows=8))
+    # re-calibrating with --overwrite reuses the cached logits: the model is never loaded again
+    monkeypatch.setattr(MemberScorer, "_load", lambda self: pytest.fail("the model was loaded again"))
+    second = run(base_argv(tiny_llama, tiny_adapter, out, rows=8) + ["--overwrite", "--temperature", 2.0])
+    assert second["log_loss"] != first["log_loss"] and second["temperature"]["value"] == 2.0
+
+
+def test_unlabelled_kaggle_test_gives_a_submission_only(tiny_llama, tiny_adapter, tmp_path):
+    out = tmp_path / "sub"
+    metrics = run(["--base_model", tiny_llama, "--adapters", tiny_adapter, "--data", KAGGLE_TEST, "--out", out,
+                   "--max_length", 256, "--swap_tta"])
+    assert metrics == {}
+    assert sorted(p.name for p in out.iterdir()) == ["members", "predictions.parquet", "submission.csv"]
+    submission = pd.read_csv(out / "submission.csv", dtype={"id": str})
+    assert list(submission.columns) == ["id", "winner_model_a", "winner_model_b", "winner_tie"]
+    assert submission["id"].tolist() == pd.read_csv(KAGGLE_TEST, dtype=str)["id"].tolist() == ["136060", "211333", "1233961"]
+    np.testing.assert_allclose(submission.iloc[:, 1:].sum(axis=1), 1.0, atol=1e-9)
+
+
+def test_ensemble_weights_fitted_and_cached(tiny_llama, tiny_adapter, tmp_path):
+    out = tmp_path / "ensemble"
+    argv = ["--base_model", tiny_llama, "--adapters", tiny_adapter, "", "--member_names", "lora", "base",
+            "--data", PANDALM, "--max_rows", 12, "--max_length", 256, "--out", out]
+    metrics = run(argv + ["--fit_weights", "--fit_temperature"])
+    weights = [metrics["members"][m]["weight"] for m in ("lora", "base")]
+    assert min(weights) >= 0 and sum(weights) == pytest.approx(1.0)
+    assert metrics["weights_source"] == "fitted on data (in-sample)"
+    assert metrics["temperature"]["source"] == "fitted on data (in-sample)"
+    assert sorted(p.name for p in (out / "members").iterdir()) == ["base-data.parquet", "lora-data.parquet"]
+    given = run(argv + ["--weights", 0.55, 0.45, "--overwrite"])
+    assert given["members"]["lora"]["weight"] == pytest.approx(0.55)
+
+
+def test_adapter_of_another_base_model_is_refused(tiny_gemma, tiny_adapter, tmp_path):
+    argv = ["--base_model", tiny_gemma, "--adapters", tiny_adapter, "--data", PANDALM, "--out", tmp_path / "x"]
+    with pytest.raises(ValueError, match="trained on base model .*--allow_base_mismatch"):
+        run(argv)
+
+
+def test_help_lists_every_option_and_import_is_light():
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "eval.py"), "--help"], capture_output=True, text=True)
+    assert done.returncode == 0
+    for f in fields(EvalArguments):
+        assert f"--{f.name}" in done.stdout
+    probe = f"import importlib.util, sys; s = importlib.util.spec_from_file_location('e', {str(REPO / 'scripts' / 'eval.py')!r}); " \
+            "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("eval_*.yaml")), ids=lambda p: p.name)
+def test_shipped_eval_recipes_parse(recipe):
+    (args,) = parse((EvalArguments,), [str(recipe), "--data", "test.csv"])
+    members = args.members()
+    assert all(m["adapters"] for m in members) and sum(m["weight"] for m in members) == pytest.approx(1.0)
+    assert args.temperature == 1.03 and args.swap_tta
+    lengths = {m["base_model"]: m["max_length"] for m in members}
+    assert lengths.get("google/gemma-2-9b-it", 1900) == 1900
+    assert lengths.get("meta-llama/Llama-3.1-8B-Instruct", 2400) == 2400
+    assert lengths.get("google/gemma-2-2b-it", 2048) == 2048
+    if recipe.name == "eval_ensemble.yaml":
+        assert [m["weight"] for m in members] == pytest.approx([0.55, 0.45])
+
+
+def test_member_lists_must_line_up():
+    with pytest.raises(ValueError, match="max_length has 2 entries for 3 members"):
+        EvalArguments(data=["x.csv"], base_model=["m"], adapters=["a", "b", "c"], max_length=[1, 2])
+    with pytest.raises(ValueError, match="base_model is required"):
+        EvalArguments(data=["x.csv"])
