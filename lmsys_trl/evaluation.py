@@ -30,28 +30,43 @@ RESULT_FILES = ("metrics.json", "predictions.parquet", "submission.csv", "report
 
 @dataclass
 class EvalArguments:
-    """Arguments of `scripts/eval.py`. List options with one entry per ensemble member; a single entry applies to all."""
+    """Arguments of `scripts/eval.py`. List options take one entry per ensemble member (one entry: all members)."""
 
     data: list[str] = field(
-        default_factory=list, metadata={"help": "Arena files to score (.csv/.json/.jsonl/.parquet); unlabelled -> submission only."}
+        default_factory=list,
+        metadata={"help": "Arena files to score (.csv/.json/.jsonl/.parquet); unlabelled -> submission only."},
     )
-    out: str = field(default="eval_out", metadata={"help": "Output directory (metrics.json, predictions.parquet, submission.csv, report.html)."})
+    out: str = field(
+        default="eval_out",
+        metadata={"help": "Output directory (metrics.json, predictions.parquet, submission.csv, report.html)."},
+    )
     base_model: list[str] = field(
-        default_factory=list, metadata={"help": "Base model per member: local path or hub id (one entry = all members)."}
+        default_factory=list,
+        metadata={"help": "Base model per member: local path or hub id (one entry = all members)."},
     )
     adapters: list[str] = field(
         default_factory=list,
         metadata={"help": "LoRA adapter(s) per member: a dir or hub id; several stacked adapters joined with ','."},
     )
     max_length: list[int] = field(
-        default_factory=lambda: [2048], metadata={"help": "Inference max length per member (recipe: 1900 gemma-2-9b, 2400 llama-3.1, 2048 gemma-2-2b)."}
+        default_factory=lambda: [2048],
+        metadata={"help": "Inference max length per member (gemma-2-9b 1900, llama-3.1 2400, gemma-2-2b 2048)."},
     )
-    member_names: list[str] | None = field(default=None, metadata={"help": "Member names (default: adapter dir names)."})
+    member_names: list[str] | None = field(
+        default=None,
+        metadata={"help": "Member names (default: adapter dir names)."},
+    )
     weights: list[float] | None = field(
         default=None, metadata={"help": "Ensemble weights per member (normalised to sum 1; default equal)."}
     )
-    fit_weights: bool = field(default=False, metadata={"help": "Fit the ensemble weights on labelled rows (log loss)."})
-    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature T: softmax(logits / T) (recipe 1.03)."})
+    fit_weights: bool = field(
+        default=False,
+        metadata={"help": "Fit the ensemble weights on labelled rows (log loss)."},
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "Softmax temperature T: softmax(logits / T) (recipe 1.03)."},
+    )
     fit_temperature: bool = field(default=False, metadata={"help": "Fit T on labelled rows by minimising log loss."})
     fit_data: list[str] | None = field(
         default=None,
@@ -60,23 +75,40 @@ class EvalArguments:
     swap_tta: bool = field(default=False, metadata={"help": "Also score each row with A and B swapped and average."})
     swap_weight: float = field(default=0.5, metadata={"help": "Weight of the swapped pass in swap TTA."})
     post_process: bool = field(
-        default=False, metadata={"help": "Shift probability for empty responses (to the other side) and identical ones (to tie)."}
+        default=False,
+        metadata={"help": "Shift probability for empty responses (to the other side) and identical ones (to tie)."},
     )
-    empty_shift: float = field(default=0.5, metadata={"help": "Share of an empty side's probability given to the other side."})
-    identical_shift: float = field(default=0.5, metadata={"help": "Share of P(A)+P(B) given to tie for identical responses."})
+    empty_shift: float = field(
+        default=0.5,
+        metadata={"help": "Share of an empty side's probability given to the other side."},
+    )
+    identical_shift: float = field(
+        default=0.5,
+        metadata={"help": "Share of P(A)+P(B) given to tie for identical responses."},
+    )
     precision: str = field(
         default="auto",
-        metadata={"help": f"Base model weights: one of {PRECISIONS} (auto = bf16 on GPU, fp32 on CPU; k-bit needs bitsandbytes)."},
+        metadata={"help": f"Base weights: {', '.join(PRECISIONS)} (auto: bf16 on GPU, fp32 on CPU; k-bit: CUDA)."},
     )
     attn_implementation: str | None = field(
-        default=None, metadata={"help": "Attention kernel (default: eager for gemma-2, the library default otherwise)."}
+        default=None,
+        metadata={"help": "Attention kernel (default: eager for gemma-2, the library default otherwise)."},
     )
     device: str = field(default="auto", metadata={"help": "Device: auto (cuda:0 if available), cpu, cuda:N."})
     token_budget: int = field(default=8192, metadata={"help": "Padded tokens per batch (length-sorted batches)."})
-    max_batch_size: int | None = field(default=None, metadata={"help": "Rows per batch at most (default: budget only)."})
-    max_rows: int | None = field(default=None, metadata={"help": "Score only the first N rows of --data (quick runs)."})
+    max_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Rows per batch at most (default: budget only)."},
+    )
+    max_rows: int | None = field(
+        default=None,
+        metadata={"help": "Score only the first N rows of --data (quick runs)."},
+    )
     overwrite: bool = field(default=False, metadata={"help": "Replace results already in --out."})
-    rescore: bool = field(default=False, metadata={"help": "Ignore cached member logits in <out>/members and re-run the models."})
+    rescore: bool = field(
+        default=False,
+        metadata={"help": "Ignore cached member logits in <out>/members and re-run the models."},
+    )
     allow_base_mismatch: bool = field(
         default=False, metadata={"help": "Use an adapter even if its recorded base model differs from --base_model."}
     )
@@ -85,7 +117,7 @@ class EvalArguments:
 
     def __post_init__(self):
         if not self.data:
-            raise ValueError("data is required: one or more arena files to score (e.g. ../shared/data/pandalm_test.csv)")
+            raise ValueError("data is required: arena files to score, e.g. ../shared/data/pandalm_test.csv")
         if not self.base_model:
             raise ValueError("base_model is required: a local model path or hub id (one per member, or one for all)")
         if self.precision not in PRECISIONS:
@@ -142,7 +174,7 @@ def check_output_dir(out: str, overwrite: bool) -> None:
     try:
         os.makedirs(os.path.join(out, "members"), exist_ok=True)
     except OSError as err:
-        raise PermissionError(f"{out}: cannot create the output directory ({err.strerror}); choose another --out") from None
+        raise PermissionError(f"{out}: cannot create the output dir ({err.strerror}); use another --out") from None
     if not os.access(out, os.W_OK):
         raise PermissionError(f"{out}: the output directory is not writable; choose another --out")
 
@@ -303,12 +335,15 @@ def run_eval(args: EvalArguments) -> dict:
     member_probs, probs = ensemble_probs(logits["data"], weights, temperature, args.swap_weight, args.swap_tta)
     rules, before = [""] * len(data), probs
     if args.post_process:
-        probs, rules = post_process(probs, data["response_a"], data["response_b"], args.empty_shift, args.identical_shift)
+        shifts = (args.empty_shift, args.identical_shift)
+        probs, rules = post_process(probs, data["response_a"], data["response_b"], *shifts)
 
     metrics = {}
     if labelled.any():
         calibration = {"temperature": temperature, "weights": weights, "fitted_on": fitted_on}
-        metrics = labelled_metrics(args, members, data, logits["data"], member_probs, probs, before, rules, calibration)
+        metrics = labelled_metrics(
+            args, members, data, logits["data"], member_probs, probs, before, rules, calibration
+        )
 
     # ---- outputs: everything computed above, each file written atomically
     predictions = pd.DataFrame({"id": data["id"], "label": labels})
@@ -362,7 +397,8 @@ def labelled_metrics(args, members, data, member_logits, member_probs, probs, be
             "log_loss_no_tta": log_loss(no_tta[labelled], y),
             **{k: member[k] for k in ("base_model", "adapters", "max_length")},
         }
-    metrics["temperature"] = {"value": temperature, "source": f"fitted on {fitted_on}" if args.fit_temperature else "given"}
+    source = f"fitted on {fitted_on}" if args.fit_temperature else "given"
+    metrics["temperature"] = {"value": temperature, "source": source}
     metrics["weights_source"] = f"fitted on {fitted_on}" if args.fit_weights and len(members) > 1 else "given"
     metrics["swap_tta"] = {"enabled": args.swap_tta, "swap_weight": args.swap_weight}
     if args.post_process:

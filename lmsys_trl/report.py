@@ -1,4 +1,4 @@
-"""HTML report of an evaluation: metric tables and PNG plots (reliability diagram, confusion matrix, loss by length)."""
+"""HTML report of an evaluation: metric tables and PNG plots (reliability, confusion matrix, loss by length)."""
 
 import html
 import json
@@ -13,6 +13,7 @@ from .metrics import confusion_matrix, reliability_bins, row_log_loss
 
 UNIFORM_LOG_LOSS = math.log(3)
 PLOTS = ("reliability.png", "confusion.png", "loss_by_length.png")
+CLASS_NAMES = {"A": "model A wins", "B": "model B wins", "C": "tie"}
 
 
 def _pyplot():
@@ -130,12 +131,13 @@ def write_report(out_dir: str, metrics: dict, probs, labels, lengths) -> str:
         "<h2>Members</h2>",
         _table(metrics["members"], ("weight", "rows", "log_loss", "accuracy", "ece", "log_loss_no_tta"), "member"),
         "<h2>Per true class</h2>",
-        _table({f"{k} ({n})": v for (k, v), n in zip(metrics["per_class"].items(), _class_names(metrics))}, key_name="class"),
+        _table({f"{k} ({CLASS_NAMES.get(k, k)})": v for k, v in metrics["per_class"].items()}, key_name="class"),
         "<h2>Per number of turns</h2>",
         _table(metrics.get("per_turn_count", {}), key_name="turns"),
     ]
     if metrics.get("post_processing"):
-        sections += ["<h2>Post-processing</h2>", f"<pre>{html.escape(json.dumps(metrics['post_processing'], indent=2))}</pre>"]
+        effect = html.escape(json.dumps(metrics["post_processing"], indent=2))
+        sections += ["<h2>Post-processing</h2>", f"<pre>{effect}</pre>"]
     sections += [f'<h2>{html.escape(name)}</h2><img src="{name}" alt="{name}">' for name in PLOTS]
     sections += ["<h2>metrics.json</h2>", f"<pre>{html.escape(json.dumps(metrics, indent=2))}</pre>"]
     page = (
@@ -151,7 +153,3 @@ def write_report(out_dir: str, metrics: dict, probs, labels, lengths) -> str:
             f.write(page)
     return path
 
-
-def _class_names(metrics: dict):
-    names = {"A": "model A wins", "B": "model B wins", "C": "tie"}
-    return [names.get(k, k) for k in metrics["per_class"]]

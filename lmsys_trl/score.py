@@ -59,7 +59,7 @@ def check_adapter_base(adapter: str, base_model: str, allow_mismatch: bool = Fal
 
 
 def load_kwargs(precision: str, device: str) -> dict:
-    """`from_pretrained` kwargs for a precision: fp32 / bf16 / fp16, or bitsandbytes 8-bit / 4-bit (nf4, bf16 compute)."""
+    """`from_pretrained` kwargs: fp32 / bf16 / fp16, or bitsandbytes 8-bit / 4-bit (nf4, double quant, bf16)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":

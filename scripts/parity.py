@@ -81,7 +81,8 @@ def main(argv=None) -> list[dict]:
 
     (args,) = HfArgumentParser(ParityArguments).parse_args_into_dataclasses(args=argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
+    auto = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
     data = load_arena(args.data)
     data = data.select(range(min(args.rows, len(data))))
     results = []
@@ -90,8 +91,11 @@ def main(argv=None) -> list[dict]:
         tokenizer = load_scoring_tokenizer(os.path.join(args.tokenizers, family))
         model = build_model(family, args.shapes, tokenizer, dtype, device)
         result = parity_check(model, tokenizer, data, args.max_length, args.token_budget)
-        result.update(family=family, shapes=args.shapes, dtype=str(dtype), device=torch.cuda.get_device_name()
-                      if device == "cuda" else "cpu", tolerance=args.tolerance, ok=result["max_abs_prob_diff"] <= args.tolerance)
+        result.update(
+            family=family, shapes=args.shapes, dtype=str(dtype), tolerance=args.tolerance,
+            device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            ok=result["max_abs_prob_diff"] <= args.tolerance,
+        )
         print(json.dumps(result), flush=True)
         results.append(result)
         if args.out:

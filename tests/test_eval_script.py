@@ -66,7 +66,8 @@ def test_eval_of_a_trained_adapter_writes_every_output(tiny_llama, tiny_adapter,
     assert saved["log_loss"] == pytest.approx(hand, abs=1e-9) == pytest.approx(metrics["log_loss"])
     assert saved["rows"] == 24 and saved["temperature"] == {"value": 1.03, "source": "given"}
     assert saved["swap_tta"]["enabled"] and set(saved["per_turn_count"]) == {"1"}
-    assert saved["post_processing"]["rows_changed"]["empty_a"] + saved["post_processing"]["rows_changed"]["empty_b"] > 0
+    changed_rows = saved["post_processing"]["rows_changed"]
+    assert changed_rows["empty_a"] + changed_rows["empty_b"] > 0
     member = saved["members"][tiny_adapter.name]
     assert member["weight"] == 1.0 and member["log_loss"] != member["log_loss_no_tta"]
     predictions = pd.read_parquet(out / "predictions.parquet")
@@ -99,7 +100,8 @@ def test_unlabelled_kaggle_test_gives_a_submission_only(tiny_llama, tiny_adapter
     assert sorted(p.name for p in out.iterdir()) == ["members", "predictions.parquet", "submission.csv"]
     submission = pd.read_csv(out / "submission.csv", dtype={"id": str})
     assert list(submission.columns) == ["id", "winner_model_a", "winner_model_b", "winner_tie"]
-    assert submission["id"].tolist() == pd.read_csv(KAGGLE_TEST, dtype=str)["id"].tolist() == ["136060", "211333", "1233961"]
+    expected_ids = pd.read_csv(KAGGLE_TEST, dtype=str)["id"].tolist()
+    assert submission["id"].tolist() == expected_ids == ["136060", "211333", "1233961"]
     np.testing.assert_allclose(submission.iloc[:, 1:].sum(axis=1), 1.0, atol=1e-9)
 
 
@@ -124,12 +126,15 @@ def test_adapter_of_another_base_model_is_refused(tiny_gemma, tiny_adapter, tmp_
 
 
 def test_help_lists_every_option_and_import_is_light():
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "eval.py"), "--help"], capture_output=True, text=True)
+    script = str(REPO / "scripts" / "eval.py")
+    done = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
     assert done.returncode == 0
     for f in fields(EvalArguments):
         assert f"--{f.name}" in done.stdout
-    probe = f"import importlib.util, sys; s = importlib.util.spec_from_file_location('e', {str(REPO / 'scripts' / 'eval.py')!r}); " \
-            "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); print('torch' in sys.modules)"
+    probe = (
+        f"import importlib.util, sys; s = importlib.util.spec_from_file_location('e', {script!r}); "
+        "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); print('torch' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
 
 

@@ -15,7 +15,8 @@ def fake_metrics(probs, labels):
 
     from lmsys_trl.arena_metric import PATH
 
-    metrics = evaluate.load(PATH).compute(predictions=probs.tolist(), references=labels.tolist(), turns=[1] * len(labels))
+    metric = evaluate.load(PATH)
+    metrics = metric.compute(predictions=probs.tolist(), references=labels.tolist(), turns=[1] * len(labels))
     metrics["members"] = {"m1": {"weight": 0.6, **{k: metrics[k] for k in ("rows", "log_loss", "accuracy", "ece")}}}
     metrics["members"]["m2 <b>"] = dict(metrics["members"]["m1"], weight=0.4)
     metrics["temperature"] = {"value": 1.03, "source": "given"}

@@ -143,8 +143,8 @@ def test_kbit_precision_without_bitsandbytes_is_a_clear_error():
 def test_parity_script_on_cpu(tmp_path):
     out = tmp_path / "parity.jsonl"
     command = [
-        sys.executable, str(REPO / "scripts" / "parity.py"), "--tokenizers", str(TOKENIZERS), "--data", str(ARENA_SAMPLE),
-        "--rows", "6", "--max_length", "192", "--token_budget", "600", "--out", str(out),
+        sys.executable, str(REPO / "scripts" / "parity.py"), "--tokenizers", str(TOKENIZERS),
+        "--data", str(ARENA_SAMPLE), "--rows", "6", "--max_length", "192", "--token_budget", "600", "--out", str(out),
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
