@@ -173,7 +173,9 @@ def run_sft(script_args, training_args, model_args):
     )
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.log_metrics("train", train_result.metrics)
-    metrics = {"train_loss": train_result.metrics.get("train_loss")}
+    metrics = {k: train_result.metrics.get(k) for k in ("train_loss", "train_runtime", "train_steps_per_second")}
+    if torch.cuda.is_available():
+        metrics["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if val is not None:
         eval_metrics = trainer.evaluate()
         trainer.log_metrics("eval", eval_metrics)
