@@ -22,6 +22,11 @@ class ArenaScriptArguments(ScriptArguments):
     swap_augment: float = field(
         default=0.0, metadata={"help": "A/B-swapped copies of training rows to add: a count, or a fraction if < 1."}
     )
+    keep_rows_per_step: bool = field(
+        default=True,
+        metadata={"help": "Divide gradient_accumulation_steps by the number of processes, so that a multi-GPU run "
+                          "takes the recipe's rows per optimiser step (the recipe is written for one GPU)."},
+    )
     max_train_rows: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
     max_val_rows: int | None = field(default=None, metadata={"help": "Keep only the first N validation rows."})
     num_proc: int | None = field(default=None, metadata={"help": "Worker processes for the formatting `map`."})

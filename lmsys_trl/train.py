@@ -125,11 +125,58 @@ def push_adapter(output_dir: str, repo_id: str, token: str | None = None, privat
     return getattr(commit, "commit_url", repo_id)
 
 
+def adapt_to_launch(script_args, training_args, model_args) -> dict:
+    """Fit the recipe to how `accelerate launch` started us; returns extra model-init kwargs.
+
+    - keeps the recipe's rows per optimiser step: gradient accumulation is divided by the number of processes;
+    - ZeRO-3 / FSDP shard parameters, so 4-bit weights are stored as bf16 there and loaded without a device map;
+    - elsewhere a k-bit base goes whole onto this process's GPU.
+    """
+    from accelerate.utils import DistributedType
+
+    state = training_args.distributed_state  # the Trainer's own state (honours use_cpu)
+    world = state.num_processes
+    if script_args.keep_rows_per_step and world > 1:
+        steps = training_args.gradient_accumulation_steps
+        if steps % world:
+            raise ValueError(
+                f"gradient_accumulation_steps={steps} does not divide over {world} processes; pass a multiple of "
+                f"{world} or --keep_rows_per_step false to train with {steps * world} rows per device step"
+            )
+        training_args.gradient_accumulation_steps = steps // world
+        logger.info("%d processes: gradient_accumulation_steps %d -> %d (same rows per optimiser step)",
+                    world, steps, steps // world)
+    zero3 = getattr(training_args.deepspeed_plugin, "zero_stage", None) == 3
+    sharded = zero3 or state.distributed_type == DistributedType.FSDP
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return {}
+    if sharded:
+        if model_args.load_in_4bit and model_args.bnb_4bit_quant_storage is None:
+            model_args.bnb_4bit_quant_storage = "bfloat16"  # a float dtype the sharding can flatten
+            logger.info("ZeRO-3/FSDP: bnb_4bit_quant_storage set to bfloat16")
+        return {}
+    return {"device_map": {"": state.local_process_index}}
+
+
+def check_adapter(output_dir: str, model) -> None:
+    """Fail loudly if the saved adapter lacks LoRA weights (ZeRO-3 has been seen to save an empty file)."""
+    from safetensors import safe_open
+
+    path = os.path.join(output_dir, "adapter_model.safetensors")
+    expected = sum(1 for name, _ in model.named_modules() if name.endswith(("lora_A.default", "lora_B.default")))
+    with safe_open(path, "pt") as f:
+        shapes = [f.get_slice(k).get_shape() for k in f.keys()]
+    if len(shapes) != expected or any(0 in shape or not shape for shape in shapes):
+        raise RuntimeError(
+            f"{path}: holds {len(shapes)} tensors (shapes {shapes[:4]}...), expected {expected} non-empty LoRA "
+            "weights; under DeepSpeed ZeRO-3 set zero3_save_16bit_model: true in the accelerate config"
+        )
+
+
 def run_sft(script_args, training_args, model_args):
     """The whole training run: tokenizer -> data -> model -> SFTTrainer -> save (+ card, metrics, push)."""
     from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
-    from accelerate import PartialState
     from trl import SFTTrainer, get_peft_config, get_quantization_config
 
     set_seed(training_args.seed)
@@ -146,6 +193,7 @@ def run_sft(script_args, training_args, model_args):
     train, val = build_datasets(script_args, tokenizer, training_args.max_length, training_args.seed)
     logger.info("Rows: %d train, %d validation", len(train), len(val) if val is not None else 0)
 
+    launch_kwargs = adapt_to_launch(script_args, training_args, model_args)
     quantization_config = get_quantization_config(model_args)
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
@@ -153,8 +201,7 @@ def run_sft(script_args, training_args, model_args):
         "attn_implementation": default_attn_implementation(
             model_args.model_name_or_path, model_args.attn_implementation, model_args.model_revision
         ),
-        # k-bit weights go whole onto this process's device (TRL resets it for DDP / DeepSpeed)
-        **({"device_map": {"": PartialState().local_process_index}} if quantization_config is not None else {}),
+        **launch_kwargs,
         **(training_args.model_init_kwargs or {}),
     }
     # The Trainer's own push (repo creation at init, pushes on every save) is replaced by one push at the end.
@@ -174,6 +221,10 @@ def run_sft(script_args, training_args, model_args):
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.log_metrics("train", train_result.metrics)
     metrics = {k: train_result.metrics.get(k) for k in ("train_loss", "train_runtime", "train_steps_per_second")}
+    tokens = [h["num_tokens"] for h in trainer.state.log_history if "num_tokens" in h]
+    if tokens and metrics["train_runtime"]:
+        metrics["train_tokens_per_second"] = round(tokens[-1] / metrics["train_runtime"], 1)  # all processes
+    metrics["world_size"] = trainer.accelerator.num_processes
     if torch.cuda.is_available():
         metrics["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if val is not None:
@@ -183,6 +234,8 @@ def run_sft(script_args, training_args, model_args):
 
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
+        if model_args.use_peft:
+            check_adapter(training_args.output_dir, trainer.model)
         with open(os.path.join(training_args.output_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
         write_model_card(training_args.output_dir, script_args, training_args, model_args, metrics)

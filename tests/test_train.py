@@ -120,8 +120,11 @@ def test_resume_from_checkpoint_ends_where_an_uninterrupted_run_ends(tiny_llama,
 @pytest.mark.parametrize("num_processes", [1, 2])
 def test_accelerate_launch_on_cpu(tiny_llama, tmp_path, num_processes):
     out = tmp_path / f"launch{num_processes}"
+    # accelerate's --cpu flag always runs one process; several CPU processes (gloo) come from the torchrun
+    # launcher (--multi_gpu) with the recipe's use_cpu: true.
+    mode = "--cpu" if num_processes == 1 else "--multi_gpu"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(num_processes),
+        sys.executable, "-m", "accelerate.commands.launch", mode, "--num_processes", str(num_processes),
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         str(REPO / "scripts" / "sft.py"), *sft_argv(tiny_llama, out, "--max_steps", "2", "--max_val_rows", "2"),
     ]
@@ -129,4 +132,19 @@ def test_accelerate_launch_on_cpu(tiny_llama, tmp_path, num_processes):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "adapter_model.safetensors").stat().st_size > 20_000
     assert f"Adapter saved to {out}" in result.stdout
-    assert "eval_log_loss" in json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "eval_log_loss" in metrics and metrics["world_size"] == num_processes
+    if num_processes == 2:  # the recipe's 2 accumulation steps are split over the 2 processes
+        assert "gradient_accumulation_steps 2 -> 1" in result.stderr
+
+
+def test_an_empty_adapter_file_is_refused(trained, tmp_path):
+    from safetensors.torch import save_file
+
+    from lmsys_trl.train import check_adapter
+
+    trainer, _, out, *_ = trained
+    check_adapter(str(out), trainer.model)  # the real one passes
+    save_file({}, str(tmp_path / "adapter_model.safetensors"))  # what ZeRO-3 without gathering produced
+    with pytest.raises(RuntimeError, match="expected 16 non-empty LoRA weights"):
+        check_adapter(str(tmp_path), trainer.model)
