@@ -149,7 +149,7 @@ def test_parity_script_on_cpu(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     results = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["family"] for r in results] == ["gemma-2", "llama-3.1"]
+    assert [r["shape"] for r in results] == ["gemma-2-tiny", "llama-3.1-tiny"]
     for r in results:
         assert r["ok"] and r["rows"] == 6 and r["batches"] >= 2 and r["max_abs_prob_diff"] < 1e-5
 
@@ -158,7 +158,7 @@ def test_parity_real_shapes_match_the_published_sizes():
     spec = importlib.util.spec_from_file_location("parity", REPO / "scripts" / "parity.py")
     parity = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(parity)
-    for family, billions in (("gemma-2", 9.24), ("llama-3.1", 8.03)):
+    for shape, family, billions in (("gemma-2-9b", "gemma-2", 9.24), ("llama-3.1-8b", "llama-3.1", 8.03)):
         tokenizer = load_tokenizer(str(TOKENIZERS / family))
-        model = parity.build_model(family, "real", tokenizer, torch.bfloat16, "meta")
+        model = parity.build_model(shape, tokenizer, torch.bfloat16, "meta")
         assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.02)
