@@ -59,7 +59,8 @@ def save_random_model(name: str, tokenizer_dir: str, out_dir: str, num_layers: i
 
     tokenizer = load_tokenizer(tokenizer_dir)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(model_config(name, tokenizer, num_layers), dtype=torch.bfloat16)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init of billions: GPU is faster
+        model = AutoModelForCausalLM.from_config(model_config(name, tokenizer, num_layers), dtype=torch.bfloat16)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir

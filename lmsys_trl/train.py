@@ -128,7 +128,8 @@ def push_adapter(output_dir: str, repo_id: str, token: str | None = None, privat
 def adapt_to_launch(script_args, training_args, model_args) -> dict:
     """Fit the recipe to how `accelerate launch` started us; returns extra model-init kwargs.
 
-    - keeps the recipe's rows per optimiser step: gradient accumulation is divided by the number of processes;
+    - keeps the recipe's rows per optimiser step: gradient accumulation (else the per-device batch) is divided by
+      the number of processes;
     - ZeRO-3 / FSDP shard parameters, so 4-bit weights are stored as bf16 there and loaded without a device map;
     - elsewhere a k-bit base goes whole onto this process's GPU.
     """
@@ -137,15 +138,20 @@ def adapt_to_launch(script_args, training_args, model_args) -> dict:
     state = training_args.distributed_state  # the Trainer's own state (honours use_cpu)
     world = state.num_processes
     if script_args.keep_rows_per_step and world > 1:
-        steps = training_args.gradient_accumulation_steps
-        if steps % world:
+        rows = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+        for name in ("gradient_accumulation_steps", "per_device_train_batch_size"):
+            value = getattr(training_args, name)
+            if value % world == 0:
+                setattr(training_args, name, value // world)
+                logger.info("%d processes: %s %d -> %d (still %d rows per optimiser step)", world, name, value,
+                            value // world, rows)
+                break
+        else:
             raise ValueError(
-                f"gradient_accumulation_steps={steps} does not divide over {world} processes; pass a multiple of "
-                f"{world} or --keep_rows_per_step false to train with {steps * world} rows per device step"
+                f"{rows} rows per optimiser step do not split over {world} processes (neither "
+                "gradient_accumulation_steps nor per_device_train_batch_size is a multiple of it); change one, or "
+                f"pass --keep_rows_per_step false to train with {rows * world} rows per step"
             )
-        training_args.gradient_accumulation_steps = steps // world
-        logger.info("%d processes: gradient_accumulation_steps %d -> %d (same rows per optimiser step)",
-                    world, steps, steps // world)
     zero3 = getattr(training_args.deepspeed_plugin, "zero_stage", None) == 3
     sharded = zero3 or state.distributed_type == DistributedType.FSDP
     if not (model_args.load_in_4bit or model_args.load_in_8bit):
