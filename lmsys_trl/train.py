@@ -183,7 +183,9 @@ def run_sft(script_args, training_args, model_args):
     """The whole training run: tokenizer -> data -> model -> SFTTrainer -> save (+ card, metrics, push)."""
     from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
-    from trl import SFTTrainer, get_peft_config, get_quantization_config
+    from trl import get_peft_config, get_quantization_config
+
+    from .fast import FastSFTTrainer
 
     set_seed(training_args.seed)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -213,7 +215,7 @@ def run_sft(script_args, training_args, model_args):
     # The Trainer's own push (repo creation at init, pushes on every save) is replaced by one push at the end.
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     metrics_fn = AnswerMetrics(letter_ids)
-    trainer = SFTTrainer(
+    trainer = FastSFTTrainer(  # SFTTrainer + the fast-path recipe keys (lmsys_trl.fast)
         model=model_args.model_name_or_path,
         args=training_args,
         train_dataset=train,

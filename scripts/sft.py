@@ -8,12 +8,13 @@ Usage:
 
 
 def main(argv=None):
-    from trl import ModelConfig, SFTConfig
+    from trl import ModelConfig
 
     from lmsys_trl.configs import ArenaScriptArguments, parse
+    from lmsys_trl.fast import FastSFTConfig
     from lmsys_trl.train import run_sft
 
-    script_args, training_args, model_args = parse((ArenaScriptArguments, SFTConfig, ModelConfig), argv)
+    script_args, training_args, model_args = parse((ArenaScriptArguments, FastSFTConfig, ModelConfig), argv)
     return run_sft(script_args, training_args, model_args)
 
 

@@ -15,9 +15,11 @@ CPU = ["--use_cpu", "true"]  # GPU recipes ask for bf16, which SFTConfig refuses
 
 
 def sft_types():
-    from trl import ModelConfig, SFTConfig
+    from trl import ModelConfig
 
-    return (ArenaScriptArguments, SFTConfig, ModelConfig)
+    from lmsys_trl.fast import FastSFTConfig  # what scripts/sft.py parses: SFTConfig + the fast-path keys
+
+    return (ArenaScriptArguments, FastSFTConfig, ModelConfig)
 
 
 @pytest.mark.parametrize("recipe", TRAIN_RECIPES, ids=lambda p: p.name)
