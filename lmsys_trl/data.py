@@ -36,13 +36,24 @@ def _read_table(path: str) -> pd.DataFrame:
             return pd.read_json(path, dtype=False, encoding="utf-8")
         if ext == "parquet":
             return pd.read_parquet(path)
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte offset {err.start}); re-save the file as UTF-8") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: {_first_bad_utf8(path)}; re-save the file as UTF-8") from None
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty; give a file with a header and at least one row") from None
     except ValueError as err:
         raise DataError(f"{path}: cannot be parsed as {ext}: {err}") from None
     raise DataError(f"{path}: unsupported file type '.{ext}' (use .csv, .json, .jsonl or .parquet)")
+
+
+def _first_bad_utf8(path: str) -> str:
+    """Where the first non-UTF-8 byte is, as 'line N (byte offset B)'."""
+    data = open(path, "rb").read()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        return f"not UTF-8 text at line {line} (byte offset {err.start})"
+    return "not UTF-8 text"
 
 
 def _turns(cell, path: str, row_id: str, column: str) -> list:
@@ -167,6 +178,8 @@ def load_arena(paths: str | Sequence[str]) -> Dataset:
             kaggle.extend(_kaggle_rows(df, path))
     seen = {group_key(r) for r in kaggle}
     rows = kaggle + [r for r in extra if group_key(r) not in seen]
+    if not rows:
+        raise DataError(f"{', '.join(paths)}: no rows left after removing duplicates of the Kaggle rows")
     ids = [r["id"] for r in rows]
     duplicated = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
     if duplicated:

@@ -143,13 +143,13 @@ def format_dataset(
     if mode == "train" and len(dataset) and min(dataset["label"]) < 0:
         raise ValueError("training rows need labels (0/1/2); got unlabelled rows (label -1)")
     _fixed_tokens(tokenizer, mode)  # fail early, before any worker starts
+    # Our own fingerprint: letting `datasets` hash the tokenizer (a 256k vocabulary) costs a minute per call.
+    key = "|".join(map(str, (dataset._fingerprint, tokenizer.name_or_path, tokenizer.chat_template, max_length, mode)))
+    fingerprint = hashlib.sha1(key.encode()).hexdigest()[:16]
     cache_file = None
     if cache_dir is not None:
-        key = "|".join(
-            map(str, (dataset._fingerprint, tokenizer.name_or_path, tokenizer.chat_template, max_length, mode))
-        )
         os.makedirs(cache_dir, exist_ok=True)
-        cache_file = os.path.join(cache_dir, f"formatted-{hashlib.sha1(key.encode()).hexdigest()[:16]}.arrow")
+        cache_file = os.path.join(cache_dir, f"formatted-{fingerprint}.arrow")
     drop = [c for c in ("response_a", "response_b") if c in dataset.column_names]
     formatted = dataset.map(
         format_example,
@@ -157,6 +157,7 @@ def format_dataset(
         remove_columns=["prompt", *drop],
         num_proc=num_proc if num_proc and num_proc > 1 else None,
         cache_file_name=cache_file,
+        new_fingerprint=fingerprint,
         load_from_cache_file=cache_file is not None,
         desc=f"Formatting ({mode}, max_length={max_length})",
     )

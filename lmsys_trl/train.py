@@ -24,9 +24,9 @@ def build_datasets(script_args, tokenizer, max_length: int, seed: int):
         train, val = rows, load_arena(script_args.val_files)
     else:
         train, val = split_train_val(rows, script_args.val_fraction, seed=seed, fold=script_args.fold)
-    if script_args.max_train_rows:
+    if script_args.max_train_rows is not None:
         train = train.select(range(min(script_args.max_train_rows, len(train))))
-    if script_args.max_val_rows:
+    if script_args.max_val_rows is not None:
         val = val.select(range(min(script_args.max_val_rows, len(val))))
     train = swap_augment(train, script_args.swap_augment, seed=seed)
     kwargs = dict(num_proc=script_args.num_proc, cache_dir=script_args.formatting_cache_dir)

@@ -138,3 +138,30 @@ def test_swap_augment_adds_swapped_copies_only():
         assert row["label"] == {0: 1, 1: 0, 2: 2}[original["label"]]
     assert len(swap_augment(train, 5)) == len(train) + 5
     assert len(swap_augment(train, 0)) == len(train)
+
+
+def test_non_utf8_bytes_name_the_line(tmp_path):
+    path = tmp_path / "latin1.csv"
+    write_csv(path, [kaggle_row(1), kaggle_row(2, prompt=("café",))])
+    path.write_bytes(path.read_bytes().replace(b"caf\\u00e9", "café".encode("latin-1")))  # a latin-1 é
+    with pytest.raises(DataError, match=r"latin1.csv: not UTF-8 text at line 3 .*re-save the file as UTF-8"):
+        load_arena(str(path))
+
+
+@pytest.mark.parametrize("content", ["", "id,prompt,response_a,response_b\n"])
+def test_empty_files_are_refused(tmp_path, content):
+    path = tmp_path / "empty.csv"
+    path.write_text(content)
+    with pytest.raises(DataError, match="empty.csv: the file (is empty|has no rows)"):
+        load_arena(str(path))
+
+
+def test_cells_that_are_json_but_not_lists_are_refused(tmp_path):
+    path = write_csv(tmp_path / "scalar.csv", [kaggle_row(1), {**kaggle_row(2), "response_a": "42"}])
+    with pytest.raises(DataError, match=r"scalar.csv: row id 2: column 'response_a' must be a non-empty JSON list"):
+        load_arena(path)
+
+
+def test_one_character_responses_are_valid(tmp_path):
+    ds = load_arena(write_csv(tmp_path / "short.csv", [kaggle_row(1, a=("A",), b=("?",))]))
+    assert ds[0]["response_a"] == ["A"] and ds[0]["response_b"] == ["?"]
