@@ -21,7 +21,7 @@ from .ensemble import (
     save_logits,
 )
 from .metrics import log_loss
-from .score import PRECISIONS, letter_probs
+from .score import PRECISIONS, letter_probs, process_state
 
 
 logger = logging.getLogger(__name__)
@@ -221,12 +221,20 @@ class MemberScorer:
         if cached is not None:
             logger.info("Member %s: cached logits %s", member["name"], path)
             return cached
+        state = process_state()
+        shard = list(range(len(dataset)))
+        if state.num_processes > 1:  # data-parallel under `accelerate launch`: a contiguous shard per process
+            with state.split_between_processes(shard) as mine:
+                shard = list(mine)
         self._load()
         logits = score_dataset(
-            self.model, self.tokenizer, dataset, member["max_length"], swapped, args.token_budget,
+            self.model, self.tokenizer, dataset.select(shard), member["max_length"], swapped, args.token_budget,
             args.max_batch_size,
         )
-        save_logits(path, key, dataset["id"], logits)
+        if state.num_processes > 1:
+            logits = gather_shards(len(dataset), shard, logits)
+        if state.is_main_process:
+            save_logits(path, key, dataset["id"], logits)
         return logits
 
     def _load(self):
@@ -249,6 +257,18 @@ class MemberScorer:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+
+def gather_shards(total: int, shard: list[int], logits: np.ndarray) -> np.ndarray:
+    """Every process's (row indices, logits) gathered into one (total, 3) array in input order."""
+    from accelerate.utils import gather_object
+
+    out = np.full((total, 3), np.nan)
+    for indices, part in gather_object([(shard, logits)]):
+        out[indices] = part
+    if np.isnan(out).any():
+        raise RuntimeError("sharded scoring lost rows: some process returned no logits for its shard")
+    return out
 
 
 def score_members(args: EvalArguments, members: list[dict], datasets: dict) -> dict:
@@ -317,6 +337,8 @@ def run_eval(args: EvalArguments) -> dict:
         if min(datasets["fit"]["label"]) < 0:
             raise ValueError(f"{', '.join(args.fit_data)}: fit_data must be labelled (winner columns)")
     logits = score_members(args, members, datasets)
+    if not process_state().is_main_process:  # other processes only scored their shards
+        return {}
 
     labels = np.asarray(data["label"])
     labelled = labels >= 0

@@ -85,9 +85,17 @@ def load_kwargs(precision: str, device: str) -> dict:
     return {"dtype": torch.bfloat16, "quantization_config": quantization, "device_map": {"": device}}
 
 
+def process_state():
+    """accelerate's state of this process: several under `accelerate launch` (gloo on CPU, NCCL on GPUs)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def resolve_device(device: str = "auto") -> str:
+    """'auto': this process's GPU (cuda:<local rank>) when there is one, else the CPU."""
     if device == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
+        return f"cuda:{process_state().local_process_index}" if torch.cuda.is_available() else "cpu"
     return device
 
 

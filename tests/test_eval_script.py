@@ -157,3 +157,21 @@ def test_member_lists_must_line_up():
         EvalArguments(data=["x.csv"], base_model=["m"], adapters=["a", "b", "c"], max_length=[1, 2])
     with pytest.raises(ValueError, match="base_model is required"):
         EvalArguments(data=["x.csv"])
+
+
+def test_two_processes_shard_scoring_and_gather_in_input_order(tiny_llama, tiny_adapter, tmp_path):
+    """`accelerate launch` with 2 CPU processes (torchrun launcher, gloo): every row scored once, same probabilities."""
+    single = tmp_path / "single"
+    run(base_argv(tiny_llama, tiny_adapter, single, rows=9) + ["--no_report"])
+    sharded = tmp_path / "sharded"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "scripts" / "eval.py"),
+        *map(str, base_argv(tiny_llama, tiny_adapter, sharded, rows=9)), "--no_report",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| 5/5 " in done.stderr and "| 4/4 " in done.stderr  # each process's bar: a shard of 5 and one of 4 rows
+    one, two = (pd.read_csv(d / "submission.csv", dtype={"id": str}) for d in (single, sharded))
+    assert two["id"].tolist() == one["id"].tolist() == pd.read_csv(PANDALM, dtype=str)["id"].head(9).tolist()
+    np.testing.assert_allclose(two.iloc[:, 1:].to_numpy(), one.iloc[:, 1:].to_numpy(), atol=1e-6)
