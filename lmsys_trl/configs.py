@@ -1,5 +1,6 @@
-"""Script arguments (dataclasses parsed by TRL's `TrlParser`) and the positional-YAML convenience."""
+"""Script arguments (dataclasses parsed by TRL's `TrlParser`), the positional-YAML convenience, one-line errors."""
 
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -33,6 +34,11 @@ class ArenaScriptArguments(ScriptArguments):
     formatting_cache_dir: str | None = field(
         default=None, metadata={"help": "Cache the formatted rows here (keyed by data, tokenizer and max_length)."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into an output_dir that already holds an earlier run's adapter, metrics or "
+                          "checkpoints (refused otherwise, unless resuming with --resume_from_checkpoint)."},
+    )
 
     def __post_init__(self):
         if not self.train_files:
@@ -52,3 +58,29 @@ def parse(dataclass_types, argv: list[str] | None = None):
     if argv and argv[0].endswith((".yaml", ".yml")):
         argv.insert(0, "--config")
     return TrlParser(dataclass_types).parse_args_and_config(args=argv)
+
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+USER_ERRORS = (ValueError, OSError, RuntimeError)  # DataError / TemplateError are ValueErrors
+
+
+def raised_by_lmsys_trl(err: BaseException) -> bool:
+    """Whether `err` was raised by this package's own code (a checked error), not deep inside a library."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(PACKAGE_DIR + os.sep)
+
+
+def run_main(main, argv: list[str] | None = None) -> None:
+    """Run a script's `main`; a checked error of this package (bad data, chat template, answer letters, options,
+    output dir, adapter) prints as one line `error: <message>` and exits with status 2. Other exceptions, and every
+    exception when LMSYS_TRL_TRACEBACK=1, keep their traceback.
+    """
+    try:
+        main(argv)
+    except USER_ERRORS as err:
+        if os.environ.get("LMSYS_TRL_TRACEBACK") == "1" or not raised_by_lmsys_trl(err):
+            raise
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(2)

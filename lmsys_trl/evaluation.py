@@ -109,6 +109,11 @@ class EvalArguments:
         default=False,
         metadata={"help": "Ignore cached member logits in <out>/members and re-run the models."},
     )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue an interrupted run in --out: reuse the member logits it cached (as every run "
+                          "does unless --rescore) and replace any results it left."},
+    )
     allow_base_mismatch: bool = field(
         default=False, metadata={"help": "Use an adapter even if its recorded base model differs from --base_model."}
     )
@@ -128,6 +133,8 @@ class EvalArguments:
             raise ValueError(f"swap_weight must be in [0, 1], got {self.swap_weight}")
         if self.weights is not None and (min(self.weights) < 0 or sum(self.weights) <= 0):
             raise ValueError(f"weights must be non-negative with a positive sum, got {self.weights}")
+        if self.resume and self.rescore:
+            raise ValueError("--resume reuses the cached member logits and --rescore discards them; give one")
         self.members()  # validates the per-member list lengths
 
     def members(self) -> list[dict]:
@@ -326,7 +333,7 @@ def run_eval(args: EvalArguments) -> dict:
     from .report import write_report
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    check_output_dir(args.out, args.overwrite)
+    check_output_dir(args.out, args.overwrite or args.resume)
     members = args.members()
     data = load_arena(args.data)
     if args.max_rows:

@@ -3,11 +3,13 @@
 import json
 import logging
 import os
+import re
+import tempfile
 
 import numpy as np
 import torch
 
-from .data import load_arena, split_train_val, swap_augment
+from .data import DataError, load_arena, split_train_val, swap_augment
 from .formatting import format_dataset
 from .metrics import accuracy, log_loss, softmax
 from .model import default_attn_implementation, letter_token_ids, load_tokenizer, resolve_dtype
@@ -15,6 +17,7 @@ from .model import default_attn_implementation, letter_token_ids, load_tokenizer
 
 logger = logging.getLogger(__name__)
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
 def build_datasets(script_args, tokenizer, max_length: int, seed: int):
@@ -28,6 +31,11 @@ def build_datasets(script_args, tokenizer, max_length: int, seed: int):
         train = train.select(range(min(script_args.max_train_rows, len(train))))
     if script_args.max_val_rows is not None:
         val = val.select(range(min(script_args.max_val_rows, len(val))))
+    if len(train) == 0:
+        raise DataError(
+            f"{', '.join(script_args.train_files)}: no training rows left after the validation split and "
+            "--max_train_rows; give more rows, a smaller --val_fraction or a larger --max_train_rows"
+        )
     train = swap_augment(train, script_args.swap_augment, seed=seed)
     kwargs = dict(num_proc=script_args.num_proc, cache_dir=script_args.formatting_cache_dir)
     train = format_dataset(train, tokenizer, max_length, "train", **kwargs)
@@ -179,10 +187,44 @@ def check_adapter(output_dir: str, model) -> None:
         )
 
 
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-N` saved completely (the Trainer writes trainer_state.json last); one cut short by a
+    kill while saving is skipped with a warning."""
+    if not os.path.isdir(output_dir):
+        return None
+    found = [(int(m.group(1)), m.group(0)) for m in map(CHECKPOINT.fullmatch, os.listdir(output_dir)) if m]
+    for _, name in sorted(found, reverse=True):
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(os.path.join(path, "trainer_state.json")):
+            return path
+        logger.warning("%s is incomplete (no trainer_state.json: cut short while saving); skipping it", path)
+    return None
+
+
+def check_output_dir(output_dir: str, resuming: bool, overwrite: bool) -> None:
+    """Fail before any training if `output_dir` cannot be written, or holds an earlier run (adapter, metrics.json,
+    checkpoints) that this run neither resumes nor is allowed to overwrite."""
+    if os.path.isdir(output_dir) and not (resuming or overwrite):
+        results = (*ADAPTER_FILES, "metrics.json")
+        earlier = sorted(f for f in os.listdir(output_dir) if f in results or CHECKPOINT.fullmatch(f))
+        if earlier:
+            raise FileExistsError(
+                f"{output_dir} already holds an earlier run ({', '.join(earlier[:4])}); pass --resume_from_checkpoint "
+                "true to continue it, --overwrite_output_dir true to train over it, or choose another --output_dir"
+            )
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as err:
+        raise PermissionError(
+            f"{output_dir}: the output directory cannot be written ({err.strerror}); choose another --output_dir"
+        ) from None
+
+
 def run_sft(script_args, training_args, model_args):
     """The whole training run: tokenizer -> data -> model -> SFTTrainer -> save (+ card, metrics, push)."""
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import get_peft_config, get_quantization_config
 
     from .fast import FastSFTTrainer
@@ -192,9 +234,10 @@ def run_sft(script_args, training_args, model_args):
 
     resume = training_args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "last"):
-        resume = get_last_checkpoint(training_args.output_dir)
+        resume = last_complete_checkpoint(training_args.output_dir)
         if resume is None:
             logger.info("No checkpoint in %s: training from scratch", training_args.output_dir)
+    check_output_dir(training_args.output_dir, bool(resume), script_args.overwrite_output_dir)
 
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision, training_args.trust_remote_code)
     letter_ids = letter_token_ids(tokenizer)

@@ -19,4 +19,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from lmsys_trl.configs import run_main
+
+    run_main(main)  # checked errors (bad data, template, options, output dir) as one line, exit status 2
