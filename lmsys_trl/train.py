@@ -138,6 +138,7 @@ def adapt_to_launch(script_args, training_args, model_args) -> dict:
 
     - keeps the recipe's rows per optimiser step: gradient accumulation (else the per-device batch) is divided by
       the number of processes;
+    - under DeepSpeed the fast path's packed micro-batches become plain accumulation (DeepSpeed steps in backward);
     - ZeRO-3 / FSDP shard parameters, so 4-bit weights are stored as bf16 there and loaded without a device map;
     - elsewhere a k-bit base goes whole onto this process's GPU.
     """
@@ -145,6 +146,13 @@ def adapt_to_launch(script_args, training_args, model_args) -> dict:
 
     state = training_args.distributed_state  # the Trainer's own state (honours use_cpu)
     world = state.num_processes
+    if getattr(training_args, "pack_token_budget", None) and training_args.deepspeed_plugin is not None:
+        # DeepSpeed steps its optimiser inside the backward that ends a step, so the fast path's several backwards
+        # per step (one per packed micro-batch) would step it several times: use plain accumulation instead.
+        rows = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+        training_args.pack_token_budget = None
+        training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps = 1, rows
+        logger.warning("DeepSpeed: packed micro-batches off; %d rows per step as batch 1 x %d accumulation", rows, rows)
     if script_args.keep_rows_per_step and world > 1:
         rows = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
         for name in ("gradient_accumulation_steps", "per_device_train_batch_size"):
