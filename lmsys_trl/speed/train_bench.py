@@ -1,0 +1,240 @@
+"""Training throughput of one recipe under named variants (reference vs the recipe's own fast path), same rows.
+
+Each variant is the recipe YAML with some keys overridden, run through the project's trainer (`FastSFTTrainer`) on a
+random-weight model of a real shape, over the real length mix (the recipe's prompt for the rows of an arena file),
+rows in a fixed shuffled order so every variant trains on the same rows per step. Steps after the warm-up are timed.
+"""
+
+import gc
+import json
+import os
+import statistics
+import tempfile
+import time
+from datetime import datetime, timezone
+
+import torch
+import yaml
+from transformers import TrainerCallback
+
+from ..fast import FastSFTTrainer
+
+
+# The 38th-place recipe as measured in issue 5: batch 1 x 16 accumulation, no checkpointing, no packing, the model's
+# attention (eager for gemma-2), full-vocabulary logits at every position (`FullLogitsTrainer`).
+REFERENCE = {
+    "per_device_train_batch_size": 1, "gradient_accumulation_steps": 16, "gradient_checkpointing": False,
+    "pack_token_budget": None, "pad_to_multiple_of": None, "flex_attention": False, "checkpointed_layers": 1.0,
+    "use_liger_kernel": False,
+}
+
+
+def length_mix(data_file: str, tokenizer, max_length: int):
+    """The recipe's training records for the rows of `data_file` (their token lengths are the real mix)."""
+    from ..data import load_arena
+    from ..formatting import format_dataset
+
+    return format_dataset(load_arena([data_file]), tokenizer, max_length, "train")
+
+
+def quantize_nf4(model, double_quant: bool = True, quant_type: str = "nf4"):
+    """Replace the decoder's `nn.Linear` layers by bitsandbytes 4-bit ones in place, as `load_in_4bit` loading does."""
+    import bitsandbytes as bnb
+
+    for parent in list(model.model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not torch.nn.Linear:
+                continue
+            layer = bnb.nn.Linear4bit(
+                child.in_features, child.out_features, bias=False, compute_dtype=child.weight.dtype,
+                compress_statistics=double_quant, quant_type=quant_type, device="meta",
+            )
+            weight = bnb.nn.Params4bit(
+                child.weight.data, requires_grad=False, compress_statistics=double_quant, quant_type=quant_type
+            )
+            layer.weight = weight.to(child.weight.device)  # quantizes on the way to the GPU
+            setattr(parent, name, layer)
+    model.is_loaded_in_4bit = True
+    return model
+
+
+def build_model(shape: str, tokenizer, model_args, device: str, num_layers: int | None = None):
+    """A random-weight model of `shape` (configs in `lmsys_trl.shapes`), 4-bit when the recipe says `load_in_4bit`."""
+    from transformers import AutoModelForCausalLM
+
+    from ..model import resolve_dtype
+    from ..shapes import model_config
+
+    config = model_config(shape, tokenizer, num_layers)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=resolve_dtype(model_args.dtype), attn_implementation=model_args.attn_implementation
+        )
+    if model_args.load_in_4bit:
+        quantize_nf4(model, model_args.use_bnb_nested_quant, model_args.bnb_4bit_quant_type)
+    return model
+
+
+class FullLogitsTrainer(FastSFTTrainer):
+    """The reference's loss: the model's own forward, logits over the whole vocabulary at every position."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs, use_cache=False, num_items_in_batch=num_items_in_batch)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+
+class InOrder:
+    """Mixin: rows in dataset order, so that step k of every variant trains on the same rows."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+
+def compiled_graphs() -> int:
+    """How many graphs torch.compile has built so far in this process (a step that compiles is not steady state)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+class StepClock(TrainerCallback):
+    """Wall time at the end of each optimiser step (device synchronised), whether the step compiled anything, and an
+    optional profiler over one late step."""
+
+    def __init__(self, profile_step: int | None = None):
+        self.ends, self.graphs, self.profile_step, self.profiler = [], [], profile_step, None
+
+    def _now(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.ends, self.graphs = [self._now()], [compiled_graphs()]
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.profile_step is not None and state.global_step == self.profile_step:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(self._now())
+        self.graphs.append(compiled_graphs())
+        if self.profiler is not None and state.global_step == self.profile_step + 1:
+            self.profiler.__exit__(None, None, None)
+
+
+def variant_config(recipe: str, overrides: dict, output_dir: str, max_steps: int):
+    """(training_args, model_args) of `recipe` with `overrides` (None = back to the default) and benchmark settings."""
+    from trl import ModelConfig
+
+    from ..configs import ArenaScriptArguments, parse
+    from ..fast import FastSFTConfig
+
+    with open(recipe) as f:
+        keys = yaml.safe_load(f)
+    keys.update(overrides)
+    keys.update(
+        output_dir=output_dir, max_steps=max_steps, save_strategy="no", eval_strategy="no", report_to="none",
+        logging_steps=1, push_to_hub=False, dataloader_num_workers=0,
+    )
+    keys = {k: v for k, v in keys.items() if v is not None}
+    path = os.path.join(output_dir, "recipe.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(keys, f)
+    _, training_args, model_args = parse((ArenaScriptArguments, FastSFTConfig, ModelConfig), [path])
+    return training_args, model_args
+
+
+def run_variant(name, overrides, recipe, shape, tokenizer, records, warmup: int, steps: int, num_layers=None,
+                profile: bool = False) -> dict:
+    """Train `warmup + steps` (+1 profiled) optimiser steps of one variant; returns its measured numbers."""
+    from peft import LoraConfig
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory() as out:
+        total_steps = warmup + steps + (1 if profile else 0)
+        training_args, model_args = variant_config(recipe, overrides, out, total_steps)
+        if device == "cpu":
+            training_args.use_cpu, training_args.bf16 = True, False
+        rows_per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+        needed = total_steps * rows_per_step
+        dataset = records.shuffle(seed=0)
+        while len(dataset) < needed:
+            from datasets import concatenate_datasets
+
+            dataset = concatenate_datasets([dataset, records.shuffle(seed=len(dataset))])
+        model = build_model(shape, tokenizer, model_args, device, num_layers)
+        lora = LoraConfig(
+            r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+            target_modules=model_args.lora_target_modules, task_type=model_args.lora_task_type,
+        )
+        trainer_class = type(
+            "BenchTrainer", (InOrder, FullLogitsTrainer if name == "reference" else FastSFTTrainer), {}
+        )
+        clock = StepClock(warmup + steps if profile else None)
+        trainer = trainer_class(
+            model, training_args, train_dataset=dataset.select(range(needed)), processing_class=tokenizer,
+            peft_config=lora, callbacks=[clock],
+        )
+        lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        trainer.train()
+        durations = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
+        compiled = [b != a for a, b in zip(clock.graphs, clock.graphs[1:])]
+        # timed: the steps after the warm-up that compiled nothing (a micro-batch shape first seen late compiles)
+        timed = [k for k in range(warmup, warmup + steps) if not compiled[k]]
+        if not timed:
+            raise RuntimeError(f"every timed step of {name} compiled something: raise --warmup / --steps")
+        seconds = sum(durations[k] for k in timed)
+        tokens = sum(sum(lengths[k * rows_per_step : (k + 1) * rows_per_step]) for k in timed)
+        result = {
+            "variant": name,
+            "tokens_per_s": round(tokens / seconds, 1),
+            "rows_per_s": round(len(timed) * rows_per_step / seconds, 3),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if device == "cuda" else None,
+            "step_seconds": [round(d, 3) for d in durations],
+            "timed_steps": timed,
+            "timed_tokens": tokens,
+            "rows_per_step": rows_per_step,
+            "overrides": overrides,
+        }
+        if clock.profiler is not None:
+            sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+            result["profile"] = clock.profiler.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60)
+        del trainer, model
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def append_result(path: str, shape: str, result: dict, command: str) -> dict:
+    """One JSON line per measured variant in `path` (keys as in docs/benchmarks.md)."""
+    line = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device_name(), "model": shape,
+        "mode": "train", **{k: v for k, v in result.items() if k != "profile"}, "command": command,
+    }
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    return line
+
+
+def describe_mix(records, tokenizer) -> str:
+    """Median / p90 / max token length of the records (the chat template rendered as the trainer does)."""
+    from ..formatting import chat_token_ids
+
+    lengths = sorted(len(chat_token_ids(tokenizer, r)) for r in records)
+    p90 = lengths[int(0.9 * (len(lengths) - 1))]
+    return f"{len(lengths)} rows, median {statistics.median(lengths):.0f}, p90 {p90}, max {lengths[-1]} tokens"
