@@ -54,7 +54,7 @@ class FastSFTConfig(SFTConfig):
                 )
             if self.packing or self.padding_free:
                 raise ValueError("pack_token_budget replaces TRL's packing/padding_free: set both to false")
-            if self.pad_to_multiple_of and self.pack_token_budget % self.pad_to_multiple_of:
+            if isinstance(self.pad_to_multiple_of, int) and self.pack_token_budget % self.pad_to_multiple_of:
                 raise ValueError(
                     f"pack_token_budget ({self.pack_token_budget}) must be a multiple of pad_to_multiple_of "
                     f"({self.pad_to_multiple_of})"
@@ -209,8 +209,9 @@ class FastSFTTrainer(SFTTrainer):
         if args.gradient_checkpointing and getattr(args, "checkpointed_layers", 1.0) < 1.0:
             self.add_callback(SelectiveCheckpointing(args.checkpointed_layers))
         budget = getattr(args, "pack_token_budget", None)
+        multiple = args.pad_to_multiple_of if isinstance(args.pad_to_multiple_of, int) else None  # TRL's "auto"
         self.packing_collator = (
-            PackingCollator(self._tokenizer.pad_token_id, budget, args.pad_to_multiple_of) if budget else None
+            PackingCollator(self._tokenizer.pad_token_id, budget, multiple) if budget else None
         )
 
     def get_train_dataloader(self):
