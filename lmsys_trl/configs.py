@@ -34,6 +34,16 @@ class ArenaScriptArguments(ScriptArguments):
     formatting_cache_dir: str | None = field(
         default=None, metadata={"help": "Cache the formatted rows here (keyed by data, tokenizer and max_length)."}
     )
+    teacher_files: list[str] | None = field(
+        default=None,
+        metadata={"help": "Soft labels: teacher probabilities per id (scripts/eval.py's predictions.parquet, or a "
+                          "file with id, teacher_a, teacher_b, teacher_tie), joined onto the train files' rows."},
+    )
+    attn_softcapping: bool = field(
+        default=True,
+        metadata={"help": "false: load gemma-2 with attn_logit_softcapping None (no attention logit softcap; opens "
+                          "SDPA). Score such an adapter with softcapping off too."},
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Train into an output_dir that already holds an earlier run's adapter, metrics or "

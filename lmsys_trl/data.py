@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 import os
 import random
 from collections.abc import Sequence
@@ -16,6 +17,8 @@ WINNER_COLUMNS = ("winner_model_a", "winner_model_b", "winner_tie")
 EXTRA_COLUMNS = ("question_id", "winner", "conversation_a", "conversation_b")
 EXTRA_WINNERS = {"model_a": 0, "model_b": 1, "tie": 2, "tie (bothbad)": 2}
 COLUMNS = ("id", "prompt", "response_a", "response_b", "label")
+# Optional soft labels (teacher probabilities of A wins / B wins / tie), kept by `load_arena` when a file has them.
+TEACHER_COLUMNS = ("teacher_a", "teacher_b", "teacher_tie")
 
 
 class DataError(ValueError):
@@ -83,6 +86,37 @@ def _check_columns(df: pd.DataFrame, required: Sequence[str], path: str) -> None
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing required column(s) {missing}; found {list(df.columns)}")
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip()) or (
+        isinstance(value, float) and math.isnan(value)
+    )
+
+
+def teacher_probs(values, where: str) -> list[float] | None:
+    """Three teacher probabilities (A, B, tie) checked: finite, non-negative, summing to 1 (+-1e-3); all three
+    missing -> None (the row has no teacher). `where` ("file: row id X") prefixes the `DataError`."""
+    if all(_missing(v) for v in values):
+        return None
+    try:
+        probs = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: {list(TEACHER_COLUMNS)} must be numbers, got {list(values)}") from None
+    if not all(math.isfinite(p) for p in probs):
+        raise DataError(f"{where}: {list(TEACHER_COLUMNS)} must be finite (all three given), got {probs}")
+    if min(probs) < 0 or abs(sum(probs) - 1) > 1e-3:
+        raise DataError(f"{where}: {list(TEACHER_COLUMNS)} must be non-negative and sum to 1, got {probs}")
+    return probs
+
+
+def _teacher_columns(rows: list[dict], records: list[dict], path: str, has_teacher: bool) -> None:
+    """Add the teacher columns (None when the file or the row has none) to parsed rows, in place."""
+    for row, record in zip(rows, records):
+        probs = None
+        if has_teacher:
+            probs = teacher_probs([record[c] for c in TEACHER_COLUMNS], f"{path}: row id {row['id']}")
+        row.update(zip(TEACHER_COLUMNS, probs or (None,) * 3))
 
 
 def _kaggle_rows(df: pd.DataFrame, path: str) -> list[dict]:
@@ -160,7 +194,8 @@ def load_arena(paths: str | Sequence[str]) -> Dataset:
     """Load and validate arena rows from one or more files into a `datasets.Dataset`.
 
     Columns: `id` (str), `prompt`, `response_a`, `response_b` (lists of turn strings; null/empty -> "None") and
-    `label` (0 = A, 1 = B, 2 = tie, -1 = unlabelled). Kaggle-schema files come first; rows of the extra
+    `label` (0 = A, 1 = B, 2 = tie, -1 = unlabelled), plus `teacher_a`, `teacher_b`, `teacher_tie` (soft labels,
+    None on rows without) when a file has those columns. Kaggle-schema files come first; rows of the extra
     arena-conversations schema that repeat a Kaggle row (same prompt and responses) are dropped.
     Raises `DataError` naming the file and row id on bad input.
     """
@@ -172,10 +207,14 @@ def load_arena(paths: str | Sequence[str]) -> Dataset:
         df = _read_table(path)
         if len(df) == 0:
             raise DataError(f"{path}: the file has no rows")
-        if "conversation_a" in df.columns or "question_id" in df.columns:
-            extra.extend(_extra_rows(df, path))
-        else:
-            kaggle.extend(_kaggle_rows(df, path))
+        is_extra = "conversation_a" in df.columns or "question_id" in df.columns
+        parsed = _extra_rows(df, path) if is_extra else _kaggle_rows(df, path)
+        present = [c for c in TEACHER_COLUMNS if c in df.columns]
+        if present and len(present) < len(TEACHER_COLUMNS):
+            missing = [c for c in TEACHER_COLUMNS if c not in present]
+            raise DataError(f"{path}: teacher column(s) {present} without {missing}; give all three or none")
+        _teacher_columns(parsed, df.to_dict("records"), path, bool(present))
+        (extra if is_extra else kaggle).extend(parsed)
     seen = {group_key(r) for r in kaggle}
     rows = kaggle + [r for r in extra if group_key(r) not in seen]
     if not rows:
@@ -184,7 +223,8 @@ def load_arena(paths: str | Sequence[str]) -> Dataset:
     duplicated = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
     if duplicated:
         raise DataError(f"{', '.join(paths)}: duplicate row id(s) {duplicated[:5]}; ids must be unique")
-    return Dataset.from_dict({c: [r[c] for r in rows] for c in COLUMNS})
+    columns = COLUMNS + (TEACHER_COLUMNS if any(r["teacher_a"] is not None for r in rows) else ())
+    return Dataset.from_dict({c: [r[c] for r in rows] for c in columns})
 
 
 def split_train_val(dataset: Dataset, val_fraction: float = 0.2, seed: int = 42, fold: int = 0) -> tuple:
@@ -207,9 +247,12 @@ def split_train_val(dataset: Dataset, val_fraction: float = 0.2, seed: int = 42,
 
 
 def swap_row(row: dict) -> dict:
-    """Exchange responses A and B; labels A <-> B, tie stays (unlabelled stays -1)."""
+    """Exchange responses A and B; labels and teacher probabilities A <-> B, tie stays (unlabelled stays -1)."""
     label = {0: 1, 1: 0}.get(row["label"], row["label"])
-    return {**row, "response_a": row["response_b"], "response_b": row["response_a"], "label": label}
+    swapped = {**row, "response_a": row["response_b"], "response_b": row["response_a"], "label": label}
+    if "teacher_a" in row:
+        swapped.update(teacher_a=row["teacher_b"], teacher_b=row["teacher_a"])
+    return swapped
 
 
 def swap_augment(dataset: Dataset, amount: float, seed: int = 42) -> Dataset:

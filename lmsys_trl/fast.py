@@ -19,6 +19,8 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from .distill import TEACHER_PROBS, DistillConfig, DistillTrainerMixin
+
 
 FLEX_ATTENTION = "lmsys_flex"
 # Triton tiles for head_dim 256 (gemma-2): the default ones exceed the H100's shared memory.
@@ -26,8 +28,9 @@ LARGE_HEAD_KERNEL_OPTIONS = {"BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 1}
 
 
 @dataclass
-class FastSFTConfig(SFTConfig):
-    """`SFTConfig` plus the fast-path switches (all off by default: then it is TRL's padded path)."""
+class FastSFTConfig(DistillConfig, SFTConfig):
+    """`SFTConfig` plus the fast-path switches (all off by default: then it is TRL's padded path) and the
+    soft-label / swap-pair keys of `lmsys_trl.distill.DistillConfig`."""
 
     pack_token_budget: int | None = field(
         default=None,
@@ -97,7 +100,8 @@ class PackingCollator:
     def __call__(self, examples: list[dict]) -> dict:
         lengths = [len(e["input_ids"]) for e in examples]
         multiple = self.pad_to_multiple_of or self.token_budget
-        ids, labels, positions, micro_lengths = [], [], [], []
+        ids, labels, positions, micro_lengths, teacher = [], [], [], [], []
+        soft = TEACHER_PROBS in examples[0]  # per-row soft labels (lmsys_trl.distill) travel per token
         for rows in pack_rows(lengths, self.token_budget):
             used = sum(lengths[i] for i in rows)
             size = min(-(-used // multiple) * multiple, self.token_budget)
@@ -105,17 +109,22 @@ class PackingCollator:
                 ids += examples[i]["input_ids"]
                 labels += examples[i].get("labels", examples[i]["input_ids"])
                 positions += range(lengths[i])
+                teacher += [examples[i][TEACHER_PROBS]] * lengths[i] if soft else []
             ids += [self.pad_token_id] * (size - used)
+            teacher += [[0.0] * 3] * (size - used) if soft else []
             labels += [-100] * (size - used)
             positions += range(size - used)
             micro_lengths.append(size)
         as_row = lambda values: torch.tensor(values, dtype=torch.long)[None]  # noqa: E731
-        return {
+        batch = {
             "input_ids": as_row(ids),
             "labels": as_row(labels),
             "position_ids": as_row(positions),
             "micro_batch_lengths": micro_lengths,
         }
+        if soft:
+            batch[TEACHER_PROBS] = torch.tensor(teacher, dtype=torch.float32)[None]
+        return batch
 
 
 _COMPILED_FLEX = {}
@@ -195,7 +204,7 @@ class SelectiveCheckpointing(TrainerCallback):
         limit_checkpointed_layers(model, self.fraction)
 
 
-class FastSFTTrainer(SFTTrainer):
+class FastSFTTrainer(DistillTrainerMixin, SFTTrainer):
     """`SFTTrainer` that honours the `FastSFTConfig` keys; with them all off it is exactly `SFTTrainer`."""
 
     def __init__(self, model, args: FastSFTConfig, *pargs, **kwargs):

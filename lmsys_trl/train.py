@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .data import DataError, load_arena, split_train_val, swap_augment
+from .distill import attach_teachers, pair_with_swaps, with_teacher_probs
 from .formatting import format_dataset
 from .metrics import accuracy, log_loss, softmax
 from .model import default_attn_implementation, letter_token_ids, load_tokenizer, resolve_dtype
@@ -18,11 +19,18 @@ from .model import default_attn_implementation, letter_token_ids, load_tokenizer
 logger = logging.getLogger(__name__)
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+DOT_PRODUCT_ATTENTION = "lmsys_dot_product"  # SDPA for gemma-2 without softcapping (a name without "sdpa" in it)
 
 
-def build_datasets(script_args, tokenizer, max_length: int, seed: int):
-    """Load, split (grouped), swap-augment the training part, and format both parts for training."""
+def build_datasets(script_args, tokenizer, max_length: int, seed: int, swap_pairs: bool = False):
+    """Load, split (grouped), swap-augment the training part, and format both parts for training.
+
+    Teacher probabilities (file columns or `teacher_files`) become a `teacher_probs` column (lmsys_trl.distill);
+    `swap_pairs` follows every training row by its A/B swap instead of `swap_augment`.
+    """
     rows = load_arena(script_args.train_files)
+    if getattr(script_args, "teacher_files", None):
+        rows = attach_teachers(rows, script_args.teacher_files)
     if script_args.val_files:
         train, val = rows, load_arena(script_args.val_files)
     else:
@@ -36,11 +44,13 @@ def build_datasets(script_args, tokenizer, max_length: int, seed: int):
             f"{', '.join(script_args.train_files)}: no training rows left after the validation split and "
             "--max_train_rows; give more rows, a smaller --val_fraction or a larger --max_train_rows"
         )
-    train = swap_augment(train, script_args.swap_augment, seed=seed)
+    if swap_pairs and script_args.swap_augment:
+        raise ValueError("swap_pairs already trains every row with its A/B swap: set swap_augment to 0")
+    train = pair_with_swaps(train) if swap_pairs else swap_augment(train, script_args.swap_augment, seed=seed)
     kwargs = dict(num_proc=script_args.num_proc, cache_dir=script_args.formatting_cache_dir)
     train = format_dataset(train, tokenizer, max_length, "train", **kwargs)
     val = format_dataset(val, tokenizer, max_length, "train", **kwargs) if len(val) else None
-    return train, val
+    return with_teacher_probs(train), with_teacher_probs(val)
 
 
 class AnswerMetrics:
@@ -230,6 +240,37 @@ def check_output_dir(output_dir: str, resuming: bool, overwrite: bool) -> None:
         ) from None
 
 
+def attention_kwargs(model_args, softcapping: bool = True) -> dict:
+    """Model-init kwargs for attention: the kernel (eager for gemma-2) and, with `softcapping` off, the config override
+    `attn_logit_softcapping=None`; a model that then needs no softcap gets SDPA unless a kernel was requested."""
+    from transformers import AutoConfig
+
+    name, revision = model_args.model_name_or_path, model_args.model_revision
+    requested = model_args.attn_implementation
+    kwargs = {"attn_implementation": default_attn_implementation(name, requested, revision)}
+    if softcapping:
+        return kwargs
+    if getattr(AutoConfig.from_pretrained(name, revision=revision), "attn_logit_softcapping", None) is None:
+        logger.info("attn_softcapping false: %s has no attention softcapping to switch off", name)
+        return kwargs
+    kwargs["attn_logit_softcapping"] = None
+    if not requested:
+        kwargs["attn_implementation"] = register_dot_product_attention()
+    return kwargs
+
+
+def register_dot_product_attention() -> str:
+    """PyTorch SDPA under a name transformers does not refuse for gemma-2 (it refuses "sdpa" for the whole family,
+    as its softcap needs another kernel); the SDPA function still raises if a softcap reaches it."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(DOT_PRODUCT_ATTENTION, sdpa_attention_forward)
+    AttentionMaskInterface.register(DOT_PRODUCT_ATTENTION, sdpa_mask)
+    return DOT_PRODUCT_ATTENTION
+
+
 def run_sft(script_args, training_args, model_args):
     """The whole training run: tokenizer -> data -> model -> SFTTrainer -> save (+ card, metrics, push)."""
     from transformers import set_seed
@@ -249,7 +290,8 @@ def run_sft(script_args, training_args, model_args):
 
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision, training_args.trust_remote_code)
     letter_ids = letter_token_ids(tokenizer)
-    train, val = build_datasets(script_args, tokenizer, training_args.max_length, training_args.seed)
+    pairs = getattr(training_args, "swap_pairs", False)
+    train, val = build_datasets(script_args, tokenizer, training_args.max_length, training_args.seed, pairs)
     logger.info("Rows: %d train, %d validation", len(train), len(val) if val is not None else 0)
 
     launch_kwargs = adapt_to_launch(script_args, training_args, model_args)
@@ -257,9 +299,7 @@ def run_sft(script_args, training_args, model_args):
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
         "dtype": resolve_dtype(model_args.dtype),
-        "attn_implementation": default_attn_implementation(
-            model_args.model_name_or_path, model_args.attn_implementation, model_args.model_revision
-        ),
+        **attention_kwargs(model_args, getattr(script_args, "attn_softcapping", True)),
         **launch_kwargs,
         **(training_args.model_init_kwargs or {}),
     }
