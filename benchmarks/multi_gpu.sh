@@ -3,7 +3,8 @@
 # each accelerate config at world size 1 and N, on the training benchmark's length mix (lmsys_arena_sample100 rows,
 # gemma-2 tokenizer, max_length 2200). Every run takes the same rows (80) in the same optimiser steps (5 x 16 rows):
 # gradient accumulation is divided by the world size (keep_rows_per_step). Appends one JSON line per run to
-# benchmarks/results.jsonl and checks that each saved adapter loads in scripts/eval.py.
+# benchmarks/results.jsonl and checks that each saved adapter loads in scripts/eval.py. Flex attention is off by
+# default here (SFT_ARGS): its per-shape compilation (~30 s each) would dominate runs of 5 steps.
 #   bash benchmarks/multi_gpu.sh <tokenizers dir> <data dir> <out dir> [world sizes...]     (default: 1 2)
 set -uo pipefail
 tokenizers=${1:?tokenizers dir}; data=${2:?data dir}; out=${3:?out dir}; shift 3
@@ -19,10 +20,10 @@ for n in "${sizes[@]}"; do
     if [ "$n" != 1 ] && [ "$cfg" = single_gpu ]; then continue; fi
     run=$out/$cfg-w$n
     start=$(date +%s)
-    timeout 300 accelerate launch --config_file accelerate_configs/$cfg.yaml --num_processes "$n" scripts/sft.py \
+    timeout "${RUN_TIMEOUT:-300}" accelerate launch --config_file accelerate_configs/$cfg.yaml --num_processes "$n" scripts/sft.py \
         recipes/gemma2_9b.yaml --model_name_or_path "$model" --train_files "$data/lmsys_arena_sample100.csv" \
         --max_train_rows 80 --swap_augment 0 --max_val_rows 8 --max_steps 5 --logging_steps 1 \
-        --save_strategy no --output_dir "$run" ${SFT_ARGS:-} > "$run.log" 2>&1
+        --save_strategy no --output_dir "$run" ${SFT_ARGS:---flex_attention false} > "$run.log" 2>&1
     rc=$?
     loads=no
     if [ $rc = 0 ] && python3 scripts/eval.py --base_model "$model" --adapters "$run" --max_length 1900 \
