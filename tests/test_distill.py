@@ -213,6 +213,23 @@ def test_weight_zero_equals_hard_path_and_mix_is_exact(rows, tiny_llama, tmp_pat
     assert math.isfinite(loss.item())
 
 
+def test_packed_fast_path_gives_the_padded_soft_label_loss(rows, tiny_llama, tmp_path):
+    data, tokenizer = rows
+    args = config(tmp_path, soft_label_weight=0.5, pack_token_budget=512, pad_to_multiple_of=8)
+    trainer = trainer_for(tiny_llama, tokenizer, formatted(data, tokenizer), args)
+    trainer.model.train()
+    dataset = trainer._remove_unused_columns(trainer.train_dataset)
+    examples = [dataset[i] for i in range(2)]
+    packed = trainer._prepare_inputs(trainer.packing_collator(examples))
+    assert len(packed.pop("micro_batch_lengths")) == 1 and "attention_mask" not in packed  # both rows, one pass
+    padded = trainer._prepare_inputs(trainer.data_collator(examples))
+    loss_packed = trainer.compute_loss(trainer.model, packed)
+    loss_padded = trainer.compute_loss(trainer.model, padded)
+    assert loss_packed.item() == pytest.approx(loss_padded.item(), rel=1e-4)
+    assert trainer._metrics["train"]["soft_label_loss"][-2] == pytest.approx(
+        trainer._metrics["train"]["soft_label_loss"][-1], rel=1e-4)
+
+
 def test_training_on_a_fixed_teacher_moves_letter_probabilities_toward_it(rows, tiny_llama, tmp_path):
     data, tokenizer = rows
     args = config(tmp_path, soft_label_weight=1.0, max_steps=4, learning_rate=3e-2)
@@ -283,7 +300,7 @@ def test_swap_pairs_share_an_optimisation_step_with_swapped_labels(rows, tiny_ll
         assert letters[1] == [1, 0, 2][letters[0]]
         assert teachers[1] == pytest.approx([teachers[0][1], teachers[0][0], teachers[0][2]])
         assert not torch.equal(inputs[0], inputs[1])
-    seen = [tuple(ids[mask.bool()].tolist()) for b in batches for ids, mask in zip(b["input_ids"], b["attention_mask"])]
+    seen = [tuple(ids[m.bool()].tolist()) for b in batches for ids, m in zip(b["input_ids"], b["attention_mask"])]
     assert sorted(seen) == sorted(map(tuple, trainer.train_dataset["input_ids"]))  # every row exactly once
     sampler = PairedSampler(12, seed=0)
     order = list(sampler)
