@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 scripts/prepare_demo_model.py --out models/smollm2-135m-instruct
 accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-    scripts/sft.py recipes/demo_cpu.yaml
+    scripts/sft.py recipes/demo_cpu.yaml --overwrite_output_dir true
 python3 scripts/eval.py recipes/eval_demo_cpu.yaml --data ../shared/data/pandalm_test.csv --max_rows ${DEMO_EVAL_ROWS:-100} \
     --overwrite true
 echo "Adapter: $(pwd)/out/demo   Evaluation: $(pwd)/eval_out/demo (metrics.json, submission.csv, report.html)"
