@@ -20,13 +20,15 @@ for n in "${sizes[@]}"; do
     if [ "$n" != 1 ] && [ "$cfg" = single_gpu ]; then continue; fi
     run=$out/$cfg-w$n
     start=$(date +%s)
-    timeout "${RUN_TIMEOUT:-300}" accelerate launch --config_file accelerate_configs/$cfg.yaml --num_processes "$n" scripts/sft.py \
+    # a single process must see one GPU (else the Trainer wraps the model in nn.DataParallel)
+    CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) timeout "${RUN_TIMEOUT:-300}" accelerate launch --config_file accelerate_configs/$cfg.yaml --num_processes "$n" scripts/sft.py \
         recipes/gemma2_9b.yaml --model_name_or_path "$model" --train_files "$data/lmsys_arena_sample100.csv" \
         --max_train_rows 80 --swap_augment 0 --max_val_rows 8 --max_steps 5 --logging_steps 1 \
-        --save_strategy no --output_dir "$run" ${SFT_ARGS:---flex_attention false} > "$run.log" 2>&1
+        --save_strategy no --overwrite_output_dir true --output_dir "$run" ${SFT_ARGS:---flex_attention false} > "$run.log" 2>&1
     rc=$?
     loads=no
-    if [ $rc = 0 ] && python3 scripts/eval.py --base_model "$model" --adapters "$run" --max_length 1900 \
+    if [ -n "${SKIP_EVAL:-}" ]; then loads=skipped
+    elif [ $rc = 0 ] && python3 scripts/eval.py --base_model "$model" --adapters "$run" --max_length 1900 \
         --data "$data/lmsys_arena_sample100.csv" --max_rows 8 --out "$run-eval" --no_report ${EVAL_ARGS:---precision 4bit} \
         > "$run-eval.log" 2>&1; then loads=yes; fi
     python3 - "$run" "$cfg" "$n" "$rc" "$loads" "$start" <<'PY'
@@ -40,7 +42,7 @@ line = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_devi
         "tokens_per_s": m.get("train_tokens_per_second"),
         "tokens_per_s_per_gpu": round(m["train_tokens_per_second"] / int(n), 1) if m.get("train_tokens_per_second") else None,
         "rows_per_s": round(80 / m["train_runtime"], 2) if m.get("train_runtime") else None,
-        "peak_gib": m.get("peak_gpu_memory_gib"), "adapter_bytes": size, "adapter_loads_in_eval": loads == "yes",
+        "peak_gib": m.get("peak_gpu_memory_gib"), "adapter_bytes": size, "adapter_loads_in_eval": None if loads == "skipped" else loads == "yes",
         "wall_s": int(time.time()) - int(start),
         "command": f"accelerate launch --config_file accelerate_configs/{cfg}.yaml --num_processes {n} scripts/sft.py recipes/gemma2_9b.yaml (benchmarks/multi_gpu.sh)"}
 print(json.dumps(line), flush=True)

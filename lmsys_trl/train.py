@@ -179,7 +179,8 @@ def adapt_to_launch(script_args, training_args, model_args) -> dict:
                 f"pass --keep_rows_per_step false to train with {rows * world} rows per step"
             )
     zero3 = getattr(training_args.deepspeed_plugin, "zero_stage", None) == 3
-    sharded = zero3 or state.distributed_type == DistributedType.FSDP
+    fsdp = state.distributed_type == DistributedType.FSDP or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    sharded = zero3 or fsdp  # (a 1-process FSDP launch reports no distributed type, hence the launcher's variable)
     if not (model_args.load_in_4bit or model_args.load_in_8bit):
         return {}
     if sharded:
