@@ -94,6 +94,11 @@ class EvalArguments:
         default=None,
         metadata={"help": "Attention kernel (default: eager for gemma-2, the library default otherwise)."},
     )
+    attn_softcapping: bool = field(
+        default=True,
+        metadata={"help": "false: gemma-2 without attention logit softcapping (for adapters trained with "
+                          "attn_softcapping false); opens SDPA."},
+    )
     device: str = field(default="auto", metadata={"help": "Device: auto (cuda:0 if available), cpu, cuda:N."})
     token_budget: int = field(default=8192, metadata={"help": "Padded tokens per batch (length-sorted batches)."})
     max_batch_size: int | None = field(
@@ -221,6 +226,7 @@ class MemberScorer:
                 "adapter_files": [_adapter_stamp(a) for a in member["adapters"]],
                 "precision": args.precision,
                 "attn_implementation": args.attn_implementation,
+                "attn_softcapping": args.attn_softcapping,
             }
         )
         path = os.path.join(args.out, "members", f"{member['name']}-{tag}{'-swapped' if swapped else ''}.parquet")
@@ -253,7 +259,7 @@ class MemberScorer:
         self.tokenizer = load_scoring_tokenizer(member["base_model"], args.trust_remote_code)
         self.model = load_model(
             member["base_model"], member["adapters"], args.precision, args.device, args.attn_implementation,
-            args.allow_base_mismatch, args.trust_remote_code,
+            args.allow_base_mismatch, args.trust_remote_code, args.attn_softcapping,
         )
 
     def release(self):

@@ -48,6 +48,37 @@ def default_attn_implementation(name_or_path: str, requested: str | None, revisi
     return "eager" if config.model_type in SOFTCAP_MODEL_TYPES else None
 
 
+DOT_PRODUCT_ATTENTION = "lmsys_dot_product"  # SDPA for gemma-2 without softcapping (a name without "sdpa" in it)
+
+
+def attention_kwargs(name_or_path: str, requested: str | None = None, revision: str = "main",
+                     softcapping: bool = True) -> dict:
+    """Model-init kwargs for attention: the kernel (eager for gemma-2) and, with `softcapping` off, the config override
+    `attn_logit_softcapping=None`; a model that then needs no softcap gets SDPA unless a kernel was requested.
+    Training and scoring both load through it, so an adapter is scored with the attention it was trained with."""
+    kwargs = {"attn_implementation": default_attn_implementation(name_or_path, requested, revision)}
+    if softcapping:
+        return kwargs
+    if getattr(AutoConfig.from_pretrained(name_or_path, revision=revision), "attn_logit_softcapping", None) is None:
+        return kwargs  # no attention softcap to switch off (llama, ...)
+    kwargs["attn_logit_softcapping"] = None
+    if not requested:
+        kwargs["attn_implementation"] = register_dot_product_attention()
+    return kwargs
+
+
+def register_dot_product_attention() -> str:
+    """PyTorch SDPA under a name transformers does not refuse for gemma-2 (it refuses "sdpa" for the whole family,
+    as its softcap needs another kernel); the SDPA function still raises if a softcap reaches it."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(DOT_PRODUCT_ATTENTION, sdpa_attention_forward)
+    AttentionMaskInterface.register(DOT_PRODUCT_ATTENTION, sdpa_mask)
+    return DOT_PRODUCT_ATTENTION
+
+
 def export_gguf_model(package: str, gguf_file: str, out_dir: str) -> str:
     """Write a GGUF model shipped inside a PyPI package as a local safetensors model folder (skipped if present).
 

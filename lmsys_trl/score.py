@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .data import swap_row
 from .formatting import chat_token_ids, format_example
 from .metrics import softmax
-from .model import default_attn_implementation, letter_token_ids, load_tokenizer
+from .model import attention_kwargs, letter_token_ids, load_tokenizer
 
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ def load_model(
     attn_implementation: str | None = None,
     allow_base_mismatch: bool = False,
     trust_remote_code: bool = False,
+    attn_softcapping: bool = True,
 ):
     """Base model (local path or hub id) at `precision`, with LoRA adapters applied together; eval mode.
 
@@ -121,7 +122,7 @@ def load_model(
     kwargs = load_kwargs(precision, device)
     model = AutoModelForCausalLM.from_pretrained(
         base_model,
-        attn_implementation=default_attn_implementation(base_model, attn_implementation),
+        **attention_kwargs(base_model, attn_implementation, softcapping=attn_softcapping),
         trust_remote_code=trust_remote_code,
         **kwargs,
     )

@@ -13,13 +13,12 @@ from .data import DataError, load_arena, split_train_val, swap_augment
 from .distill import attach_teachers, pair_with_swaps, with_teacher_probs
 from .formatting import format_dataset
 from .metrics import accuracy, log_loss, softmax
-from .model import default_attn_implementation, letter_token_ids, load_tokenizer, resolve_dtype
+from .model import attention_kwargs, letter_token_ids, load_tokenizer, resolve_dtype
 
 
 logger = logging.getLogger(__name__)
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
-DOT_PRODUCT_ATTENTION = "lmsys_dot_product"  # SDPA for gemma-2 without softcapping (a name without "sdpa" in it)
 
 
 def build_datasets(script_args, tokenizer, max_length: int, seed: int, swap_pairs: bool = False):
@@ -241,37 +240,6 @@ def check_output_dir(output_dir: str, resuming: bool, overwrite: bool) -> None:
         ) from None
 
 
-def attention_kwargs(model_args, softcapping: bool = True) -> dict:
-    """Model-init kwargs for attention: the kernel (eager for gemma-2) and, with `softcapping` off, the config override
-    `attn_logit_softcapping=None`; a model that then needs no softcap gets SDPA unless a kernel was requested."""
-    from transformers import AutoConfig
-
-    name, revision = model_args.model_name_or_path, model_args.model_revision
-    requested = model_args.attn_implementation
-    kwargs = {"attn_implementation": default_attn_implementation(name, requested, revision)}
-    if softcapping:
-        return kwargs
-    if getattr(AutoConfig.from_pretrained(name, revision=revision), "attn_logit_softcapping", None) is None:
-        logger.info("attn_softcapping false: %s has no attention softcapping to switch off", name)
-        return kwargs
-    kwargs["attn_logit_softcapping"] = None
-    if not requested:
-        kwargs["attn_implementation"] = register_dot_product_attention()
-    return kwargs
-
-
-def register_dot_product_attention() -> str:
-    """PyTorch SDPA under a name transformers does not refuse for gemma-2 (it refuses "sdpa" for the whole family,
-    as its softcap needs another kernel); the SDPA function still raises if a softcap reaches it."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(DOT_PRODUCT_ATTENTION, sdpa_attention_forward)
-    AttentionMaskInterface.register(DOT_PRODUCT_ATTENTION, sdpa_mask)
-    return DOT_PRODUCT_ATTENTION
-
-
 def run_sft(script_args, training_args, model_args):
     """The whole training run: tokenizer -> data -> model -> SFTTrainer -> save (+ card, metrics, push)."""
     from transformers import set_seed
@@ -300,7 +268,8 @@ def run_sft(script_args, training_args, model_args):
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
         "dtype": resolve_dtype(model_args.dtype),
-        **attention_kwargs(model_args, getattr(script_args, "attn_softcapping", True)),
+        **attention_kwargs(model_args.model_name_or_path, model_args.attn_implementation, model_args.model_revision,
+                           script_args.attn_softcapping),
         **launch_kwargs,
         **(training_args.model_init_kwargs or {}),
     }

@@ -387,15 +387,12 @@ def test_softcapping_switch_reaches_the_attention_call(tiny_gemma):
     from transformers import AutoModelForCausalLM
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.gemma2 import modeling_gemma2
-    from trl import ModelConfig
-
-    from lmsys_trl.train import DOT_PRODUCT_ATTENTION, attention_kwargs
+    from lmsys_trl.model import DOT_PRODUCT_ATTENTION, attention_kwargs
 
     ids = torch.tensor([[2, 651, 603, 476, 2121, 235265]])
 
     def run(softcapping, requested=None):
-        kwargs = attention_kwargs(ModelConfig(model_name_or_path=str(tiny_gemma), attn_implementation=requested),
-                                  softcapping)
+        kwargs = attention_kwargs(str(tiny_gemma), requested, softcapping=softcapping)
         model = AutoModelForCausalLM.from_pretrained(str(tiny_gemma), dtype=torch.float32, **kwargs)
         name = model.config._attn_implementation
         kernel = modeling_gemma2.eager_attention_forward if name == "eager" else ALL_ATTENTION_FUNCTIONS[name]
@@ -413,3 +410,13 @@ def test_softcapping_switch_reaches_the_attention_call(tiny_gemma):
     name, softcaps, sdpa = run(False)
     assert name == DOT_PRODUCT_ATTENTION and softcaps == {None}  # SDPA opens for gemma-2
     assert torch.allclose(off, sdpa, atol=1e-5)  # the same attention through both kernels
+
+
+def test_scoring_loads_gemma_without_softcapping_when_asked(tiny_gemma):
+    from lmsys_trl.model import DOT_PRODUCT_ATTENTION
+    from lmsys_trl.score import load_model
+
+    default = load_model(str(tiny_gemma), [], precision="fp32", device="cpu")
+    assert default.config.attn_logit_softcapping == 50.0 and default.config._attn_implementation == "eager"
+    off = load_model(str(tiny_gemma), [], precision="fp32", device="cpu", attn_softcapping=False)
+    assert off.config.attn_logit_softcapping is None and off.config._attn_implementation == DOT_PRODUCT_ATTENTION
