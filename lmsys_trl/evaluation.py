@@ -100,7 +100,16 @@ class EvalArguments:
                           "attn_softcapping false); opens SDPA."},
     )
     device: str = field(default="auto", metadata={"help": "Device: auto (cuda:0 if available), cpu, cuda:N."})
-    token_budget: int = field(default=8192, metadata={"help": "Padded tokens per batch (length-sorted batches)."})
+    token_budget: int = field(
+        default=8192,
+        metadata={"help": "Padded tokens per batch (length-sorted batches); with pack_rows the fixed length of each "
+                          "packed sequence (>= max_length)."},
+    )
+    pack_rows: bool = field(
+        default=False,
+        metadata={"help": "Pack rows padding-free into flat sequences of token_budget tokens (LM head at each row's "
+                          "last token only) instead of padded batches."},
+    )
     max_batch_size: int | None = field(
         default=None,
         metadata={"help": "Rows per batch at most (default: budget only)."},
@@ -138,6 +147,12 @@ class EvalArguments:
             raise ValueError(f"swap_weight must be in [0, 1], got {self.swap_weight}")
         if self.weights is not None and (min(self.weights) < 0 or sum(self.weights) <= 0):
             raise ValueError(f"weights must be non-negative with a positive sum, got {self.weights}")
+        if self.pack_rows and self.max_batch_size is not None:
+            raise ValueError("max_batch_size limits padded batches; pack_rows fills sequences of token_budget tokens")
+        if self.pack_rows and self.token_budget < max(self.max_length):
+            raise ValueError(
+                f"pack_rows: token_budget ({self.token_budget}) must be >= max_length ({max(self.max_length)})"
+            )
         if self.resume and self.rescore:
             raise ValueError("--resume reuses the cached member logits and --rescore discards them; give one")
         self.members()  # validates the per-member list lengths
@@ -227,6 +242,7 @@ class MemberScorer:
                 "precision": args.precision,
                 "attn_implementation": args.attn_implementation,
                 "attn_softcapping": args.attn_softcapping,
+                **({"pack_rows": True} if args.pack_rows else {}),  # (keeps the keys of padded-path caches)
             }
         )
         path = os.path.join(args.out, "members", f"{member['name']}-{tag}{'-swapped' if swapped else ''}.parquet")
@@ -242,7 +258,7 @@ class MemberScorer:
         self._load()
         logits = score_dataset(
             self.model, self.tokenizer, dataset.select(shard), member["max_length"], swapped, args.token_budget,
-            args.max_batch_size,
+            args.max_batch_size, args.pack_rows,
         )
         if state.num_processes > 1:
             logits = gather_shards(len(dataset), shard, logits)

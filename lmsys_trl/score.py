@@ -1,14 +1,18 @@
 """Score arena rows with a (base model + LoRA adapters): A/B/C letter logits at the answer position, swap TTA.
 
 Each row is the training prompt in inference mode (`formatting.comparison_text(mode="infer")`) rendered by the chat
-template up to the assistant turn, so the next token is the answer letter. Rows are length-sorted into batches under
-a token budget, left-padded with explicit position ids, and only the last position reaches the LM head
-(`logits_to_keep=1`). Results come back in input order.
+template up to the assistant turn, so the next token is the answer letter. Two paths, results in input order:
+- padded (default): rows length-sorted into batches under a token budget, left-padded with explicit position ids, only
+  the last position reaching the LM head (`logits_to_keep=1`);
+- packed (`pack=True`): rows packed first-fit-decreasing into flat sequences of exactly `token_budget` tokens
+  (`lmsys_trl.fast.PackingCollator`: position ids restart at each row, no attention mask, so transformers builds the
+  packed-document mask), the backbone run once per sequence and the LM head applied only at each row's last token.
 """
 
 import importlib.util
 import logging
 import os
+from itertools import accumulate
 
 import numpy as np
 import torch
@@ -122,7 +126,7 @@ def load_model(
     kwargs = load_kwargs(precision, device)
     model = AutoModelForCausalLM.from_pretrained(
         base_model,
-        **attention_kwargs(base_model, attn_implementation, softcapping=attn_softcapping),
+        **scoring_attention_kwargs(base_model, attn_implementation, attn_softcapping),
         trust_remote_code=trust_remote_code,
         **kwargs,
     )
@@ -138,6 +142,17 @@ def load_model(
         model.base_model.set_adapter(names)
     model.eval()
     return model
+
+
+def scoring_attention_kwargs(base_model: str, attn_implementation: str | None, softcapping: bool = True) -> dict:
+    """`model.attention_kwargs`, registering the compiled flex kernel of `lmsys_trl.fast` first when it is asked for
+    (`--attn_implementation lmsys_flex`: softcap score_mod, packed-row block mask)."""
+    if attn_implementation is not None:  # only then pay for importing the training module (TRL)
+        from .fast import FLEX_ATTENTION, register_flex_attention
+
+        if attn_implementation == FLEX_ATTENTION:
+            register_flex_attention()
+    return attention_kwargs(base_model, attn_implementation, softcapping=softcapping)
 
 
 # ----------------------------------------------------------------------------------------------- encoding
@@ -209,6 +224,42 @@ def reference_letter_logits(model, ids: list[int], letter_ids: list[int]) -> tor
     return logits[0, -1, letter_ids].float()
 
 
+def packed_sequences(rows: list[list[int]], token_budget: int, pad_token_id: int):
+    """Yield (row indices, input_ids, position_ids, last-token positions) of each flat (1, token_budget) sequence that
+    `fast.pack_rows` / `fast.PackingCollator` make of `rows` (padding: a pseudo-row of its own at the end)."""
+    from .fast import PackingCollator, pack_rows
+
+    lengths = [len(r) for r in rows]
+    too_long = [i for i, n in enumerate(lengths) if n > token_budget]
+    if too_long:
+        raise ValueError(
+            f"row {too_long[0]} has {lengths[too_long[0]]} tokens, more than the packed token_budget {token_budget}; "
+            "raise token_budget to at least max_length"
+        )
+    collator = PackingCollator(pad_token_id, token_budget)
+    for indices in pack_rows(lengths, token_budget):  # each bin is already longest-first, as the collator orders it
+        packed = collator([{"input_ids": rows[i]} for i in indices])
+        ends = torch.tensor(list(accumulate(lengths[i] for i in indices))) - 1
+        tokens = torch.tensor([t for i in indices for t in rows[i]])
+        if packed["micro_batch_lengths"] != [token_budget] or not packed["input_ids"][0, : len(tokens)].equal(tokens):
+            raise RuntimeError("the packed sequence does not hold the rows in bin order (PackingCollator changed?)")
+        yield indices, packed["input_ids"], packed["position_ids"], ends
+
+
+@torch.inference_mode()
+def packed_letter_logits(model, input_ids, position_ids, ends, letter_ids: list[int]) -> torch.Tensor:
+    """(rows, 3) float32 letter logits of one packed sequence: the backbone over all tokens (no attention mask, no
+    cache: transformers detects the rows from `position_ids`), the LM head (final softcap included) at `ends` only."""
+    from .distill import causal_lm_of, letter_logits_from_hidden
+
+    causal_lm = causal_lm_of(model)
+    device = model_device(model)
+    hidden = causal_lm.base_model(
+        input_ids=input_ids.to(device), position_ids=position_ids.to(device), attention_mask=None, use_cache=False
+    ).last_hidden_state
+    return letter_logits_from_hidden(causal_lm, hidden[0, ends.to(device)], letter_ids)
+
+
 def score_token_rows(
     model,
     rows: list[list[int]],
@@ -217,13 +268,25 @@ def score_token_rows(
     token_budget: int = 8192,
     max_batch_size: int | None = None,
     desc: str = "Scoring",
+    pack: bool = False,
 ) -> np.ndarray:
-    """(N, 3) letter logits for token rows, scored in length-sorted batches, returned in input order."""
+    """(N, 3) letter logits for token rows, returned in input order: length-sorted padded batches, or with `pack`
+    flat sequences of `token_budget` tokens (`packed_sequences`; `max_batch_size` does not apply)."""
+    if pack:
+        scored = (
+            (indices, packed_letter_logits(model, input_ids, position_ids, ends, letter_ids))
+            for indices, input_ids, position_ids, ends in packed_sequences(rows, token_budget, pad_token_id)
+        )
+    else:
+        scored = (
+            (batch, batch_letter_logits(model, [rows[i] for i in batch], letter_ids, pad_token_id))
+            for batch in length_sorted_batches([len(r) for r in rows], token_budget, max_batch_size)
+        )
     out = np.zeros((len(rows), 3), dtype=np.float64)
     with tqdm(total=len(rows), desc=desc, unit="row") as progress:
-        for batch in length_sorted_batches([len(r) for r in rows], token_budget, max_batch_size):
-            out[batch] = batch_letter_logits(model, [rows[i] for i in batch], letter_ids, pad_token_id).cpu().numpy()
-            progress.update(len(batch))
+        for indices, logits in scored:
+            out[indices] = logits.cpu().numpy()
+            progress.update(len(indices))
     return out
 
 
@@ -235,12 +298,15 @@ def score_dataset(
     swapped: bool = False,
     token_budget: int = 8192,
     max_batch_size: int | None = None,
+    pack: bool = False,
 ) -> np.ndarray:
     """(N, 3) A/B/C logits of arena rows (of the A/B-swapped rows when `swapped`, letters as the model saw them)."""
     rows = encode_rows(dataset, tokenizer, max_length, swapped)
     pad_token_id = tokenizer.pad_token_id
     desc = "Scoring swapped rows" if swapped else "Scoring rows"
-    return score_token_rows(model, rows, letter_token_ids(tokenizer), pad_token_id, token_budget, max_batch_size, desc)
+    return score_token_rows(
+        model, rows, letter_token_ids(tokenizer), pad_token_id, token_budget, max_batch_size, desc, pack
+    )
 
 
 # ----------------------------------------------------------------------------------------------- probabilities
