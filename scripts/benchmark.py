@@ -3,12 +3,17 @@
 `train` mode runs the reference recipe (issue 5: batch 1 x 16, eager, full logits, no checkpointing) and the recipe's
 own default (its fast-path keys) in one process, on the same rows, prints tokens/s, rows/s, peak GiB and the ratio,
 and appends one JSON line per variant to benchmarks/results.jsonl. Further variants: `--variant NAME key=value ...`.
+`infer` mode does the same for scoring (`lmsys_trl.speed.infer_bench`): the reference (4-bit + LoRA, eager, batches
+of 4 left-padded rows) vs `scripts/eval.py`'s defaults, plus `max_abs_prob_diff` against a plain unbatched forward.
 
 Usage (GPU, from the repo root):
     python scripts/benchmark.py train --shape gemma-2-9b --recipe recipes/gemma2_9b.yaml \
         --tokenizer ../shared/tokenizers/gemma-2 --data ../shared/data/lmsys_arena_sample100.csv
     python scripts/benchmark.py train --shape gemma-2-9b --recipe recipes/gemma2_9b.yaml ... \
         --variant full-ckpt checkpointed_layers=1.0 --variant no-liger use_liger_kernel=false
+    python scripts/benchmark.py infer --shape gemma-2-9b --max_length 1900 \
+        --tokenizer ../shared/tokenizers/gemma-2 --data ../shared/data/lmsys_arena_sample100.csv \
+        --variant packed-flex pack_rows=true token_budget=16384 attn_implementation=lmsys_flex
 """
 
 import argparse
@@ -29,28 +34,17 @@ def parse_variants(specs: list[list[str]]) -> dict:
     return variants
 
 
-def train(args):
-    from lmsys_trl.model import load_tokenizer
-    from lmsys_trl.speed.train_bench import REFERENCE, append_result, describe_mix, length_mix, run_variant
+def run_variants(args, variants: dict, measure, mode: str) -> dict:
+    """Measure each variant (`measure(name, overrides)` -> result), append its JSON line, print the comparison."""
+    from lmsys_trl.speed.train_bench import append_result
 
-    with open(args.recipe) as f:
-        max_length = yaml.safe_load(f)["max_length"]
-    tokenizer = load_tokenizer(args.tokenizer)
-    records = length_mix(args.data, tokenizer, max_length)
-    print(f"length mix: {describe_mix(records, tokenizer)} (max_length {max_length})", flush=True)
-    variants = {"reference": dict(REFERENCE), "default": {}, **parse_variants(args.variant or [])}
     if args.only:
         variants = {k: v for k, v in variants.items() if k in args.only}
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     measured = {}
     for name, overrides in variants.items():
-        warmup = args.reference_warmup if name == "reference" else args.warmup
-        steps = args.reference_steps if name == "reference" else args.steps
         try:
-            result = run_variant(
-                name, overrides, args.recipe, args.shape, tokenizer, records, warmup, steps, args.num_layers,
-                profile=args.profile and name == "default",
-            )
+            result = measure(name, overrides)
         except Exception as err:  # one failing variant must not lose the others' numbers
             import traceback
 
@@ -62,18 +56,64 @@ def train(args):
             if args.profile_out:
                 with open(args.profile_out, "w") as f:
                     f.write(result["profile"])
-        line = append_result(args.results, args.shape, result, command)
+        line = append_result(args.results, args.shape, result, command, mode)
         measured[name] = line
         print(json.dumps(line), flush=True)
     if "reference" in measured:
         base = measured["reference"]["tokens_per_s"]
-        print(f"\n{'variant':<16}{'tokens/s':>10}{'rows/s':>9}{'peak GiB':>10}{'x ref':>8}")
+        parity = mode == "infer"
+        print(f"\n{'variant':<16}{'tokens/s':>10}{'rows/s':>9}{'peak GiB':>10}{'x ref':>8}" + ("  max|dp|" * parity))
         for name, line in measured.items():
             peak = line["peak_gib"] if line["peak_gib"] is not None else float("nan")
             print(
                 f"{name:<16}{line['tokens_per_s']:>10.0f}{line['rows_per_s']:>9.2f}{peak:>10.1f}"
-                f"{line['tokens_per_s'] / base:>8.2f}"
+                f"{line['tokens_per_s'] / base:>8.2f}" + (f"  {line.get('max_abs_prob_diff', 0):.2e}" * parity)
             )
+    return measured
+
+
+def train(args):
+    from lmsys_trl.model import load_tokenizer
+    from lmsys_trl.speed.train_bench import REFERENCE, describe_mix, length_mix, run_variant
+
+    with open(args.recipe) as f:
+        max_length = yaml.safe_load(f)["max_length"]
+    tokenizer = load_tokenizer(args.tokenizer)
+    records = length_mix(args.data, tokenizer, max_length)
+    print(f"length mix: {describe_mix(records, tokenizer)} (max_length {max_length})", flush=True)
+    variants = {"reference": dict(REFERENCE), "default": {}, **parse_variants(args.variant or [])}
+
+    def measure(name, overrides):
+        reference = name == "reference"
+        return run_variant(
+            name, overrides, args.recipe, args.shape, tokenizer, records,
+            args.reference_warmup if reference else args.warmup, args.reference_steps if reference else args.steps,
+            args.num_layers, profile=args.profile and name == "default",
+        )
+
+    return run_variants(args, variants, measure, "train")
+
+
+def infer(args):
+    from lmsys_trl.data import load_arena
+    from lmsys_trl.score import encode_rows, load_scoring_tokenizer
+    from lmsys_trl.speed.infer_bench import REFERENCE, run_variant
+
+    tokenizer = load_scoring_tokenizer(args.tokenizer)
+    data = load_arena([args.data])
+    rows = encode_rows(data.select(range(min(args.rows or len(data), len(data)))), tokenizer, args.max_length)
+    lengths = sorted(map(len, rows))
+    print(f"length mix: {len(rows)} rows, median {lengths[len(lengths) // 2]}, max {lengths[-1]} tokens "
+          f"(max_length {args.max_length})", flush=True)
+    variants = {"reference": dict(REFERENCE), "default": {}, **parse_variants(args.variant or [])}
+
+    def measure(name, overrides):
+        return run_variant(
+            name, overrides, args.shape, tokenizer, rows, args.passes, args.warmup_passes, args.parity_rows,
+            args.num_layers,
+        )
+
+    return run_variants(args, variants, measure, "infer")
 
 
 def main(argv=None):
@@ -95,6 +135,21 @@ def main(argv=None):
     p.add_argument("--profile_out", default=None, help="write the profiler table to this file")
     p.add_argument("--results", default="benchmarks/results.jsonl")
     p.set_defaults(run=train)
+    p = modes.add_parser("infer", help="scoring tokens/s: reference vs scripts/eval.py's defaults (and --variant ...)")
+    p.add_argument("--shape", required=True, help="gemma-2-9b, gemma-2-2b, llama-3.1-8b, *-tiny (lmsys_trl.shapes)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder of the shape's family")
+    p.add_argument("--data", required=True, help="arena file whose rows give the length mix")
+    p.add_argument("--max_length", type=int, default=1900, help="inference max length (llama-3.1: 2400)")
+    p.add_argument("--rows", type=int, default=None, help="score only the first N rows of --data")
+    p.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
+                   help="extra variant: EvalArguments scoring keys, e.g. packed pack_rows=true token_budget=16384")
+    p.add_argument("--only", nargs="+", help="run only these variants")
+    p.add_argument("--warmup_passes", type=int, default=1, help="untimed passes over the rows (compilation)")
+    p.add_argument("--passes", type=int, default=1, help="timed passes over the rows")
+    p.add_argument("--parity_rows", type=int, default=32, help="rows checked against the plain unbatched forward")
+    p.add_argument("--num_layers", type=int, default=None, help="fewer layers than the real shape (CPU debugging)")
+    p.add_argument("--results", default="benchmarks/results.jsonl")
+    p.set_defaults(run=infer, profile_out=None)
     args = parser.parse_args(argv)
     args.run(args)
 

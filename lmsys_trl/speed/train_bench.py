@@ -219,11 +219,11 @@ def device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
-def append_result(path: str, shape: str, result: dict, command: str) -> dict:
+def append_result(path: str, shape: str, result: dict, command: str, mode: str = "train") -> dict:
     """One JSON line per measured variant in `path` (keys as in docs/benchmarks.md)."""
     line = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device_name(), "model": shape,
-        "mode": "train", **{k: v for k, v in result.items() if k != "profile"}, "command": command,
+        "mode": mode, **{k: v for k, v in result.items() if k != "profile"}, "command": command,
     }
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "a") as f:
