@@ -245,6 +245,7 @@ def run_sft(script_args, training_args, model_args):
     from transformers import set_seed
     from trl import get_peft_config, get_quantization_config
 
+    from .evaluation import write_json
     from .fast import FastSFTTrainer
 
     set_seed(training_args.seed)
@@ -305,8 +306,7 @@ def run_sft(script_args, training_args, model_args):
     if trainer.accelerator.is_main_process:
         if model_args.use_peft:
             check_adapter(training_args.output_dir, trainer.model)
-        with open(os.path.join(training_args.output_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
+        write_json(os.path.join(training_args.output_dir, "metrics.json"), metrics)  # atomic, like eval's outputs
         write_model_card(training_args.output_dir, script_args, training_args, model_args, metrics)
         trainer.accelerator.print(f"Adapter saved to {os.path.abspath(training_args.output_dir)}")
         if push_to_hub:
