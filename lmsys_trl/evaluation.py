@@ -21,7 +21,17 @@ from .ensemble import (
     save_logits,
 )
 from .metrics import log_loss
-from .score import PRECISIONS, letter_probs, process_state
+from .score import (
+    GPU_PRECISION,
+    PACKED_TOKEN_BUDGET,
+    PADDED_TOKEN_BUDGET,
+    PRECISIONS,
+    SCORING_KEYS,
+    letter_probs,
+    process_state,
+    resolve_device,
+    resolve_scoring,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -88,11 +98,13 @@ class EvalArguments:
     )
     precision: str = field(
         default="auto",
-        metadata={"help": f"Base weights: {', '.join(PRECISIONS)} (auto: bf16 on GPU, fp32 on CPU; k-bit: CUDA)."},
+        metadata={"help": f"Base weights: {', '.join(PRECISIONS)} (auto: {GPU_PRECISION} on GPU, fp32 on CPU; fp8: bf16 "
+                          "load, adapters merged, linear layers FP8 (H100 or CPU); k-bit: bitsandbytes, CUDA)."},
     )
     attn_implementation: str | None = field(
         default=None,
-        metadata={"help": "Attention kernel (default: eager for gemma-2, the library default otherwise)."},
+        metadata={"help": "Attention kernel (default: on GPU with packed rows the compiled flex kernel lmsys_flex; "
+                          "otherwise eager for gemma-2, the library default for others)."},
     )
     attn_softcapping: bool = field(
         default=True,
@@ -100,19 +112,27 @@ class EvalArguments:
                           "attn_softcapping false); opens SDPA."},
     )
     device: str = field(default="auto", metadata={"help": "Device: auto (cuda:0 if available), cpu, cuda:N."})
-    token_budget: int = field(
-        default=8192,
-        metadata={"help": "Padded tokens per batch (length-sorted batches); with pack_rows the fixed length of each "
-                          "packed sequence (>= max_length)."},
-    )
-    pack_rows: bool = field(
-        default=False,
+    pack_rows: bool | None = field(
+        default=None,
         metadata={"help": "Pack rows padding-free into flat sequences of token_budget tokens (LM head at each row's "
-                          "last token only) instead of padded batches."},
+                          "last token only) instead of length-sorted padded batches (default: on GPU)."},
+    )
+    token_budget: int | None = field(
+        default=None,
+        metadata={"help": f"Tokens per forward: with pack_rows the fixed length of each packed sequence (>= max_length; "
+                          f"default {PACKED_TOKEN_BUDGET}), else padded tokens per batch (default {PADDED_TOKEN_BUDGET})."},
     )
     max_batch_size: int | None = field(
         default=None,
-        metadata={"help": "Rows per batch at most (default: budget only)."},
+        metadata={"help": "Rows per padded batch at most (default: budget only)."},
+    )
+    merge_adapters: bool = field(
+        default=True,
+        metadata={"help": "Merge the LoRA adapters into the base weights before scoring (not for 4bit/8bit bases)."},
+    )
+    compile_layers: bool | None = field(
+        default=None,
+        metadata={"help": "torch.compile the decoder layers (default: on GPU with packed rows, one fixed shape)."},
     )
     max_rows: int | None = field(
         default=None,
@@ -149,7 +169,7 @@ class EvalArguments:
             raise ValueError(f"weights must be non-negative with a positive sum, got {self.weights}")
         if self.pack_rows and self.max_batch_size is not None:
             raise ValueError("max_batch_size limits padded batches; pack_rows fills sequences of token_budget tokens")
-        if self.pack_rows and self.token_budget < max(self.max_length):
+        if self.pack_rows and self.token_budget is not None and self.token_budget < max(self.max_length):
             raise ValueError(
                 f"pack_rows: token_budget ({self.token_budget}) must be >= max_length ({max(self.max_length)})"
             )
@@ -228,6 +248,8 @@ class MemberScorer:
     def __init__(self, member: dict, args: EvalArguments):
         self.member, self.args = member, args
         self.model = self.tokenizer = None
+        self.device = resolve_device(args.device)
+        self.settings = resolve_scoring({key: getattr(args, key) for key in SCORING_KEYS}, self.device)
 
     def logits(self, dataset, tag: str, swapped: bool) -> np.ndarray:
         from .score import score_dataset
@@ -239,10 +261,7 @@ class MemberScorer:
                 "swapped": swapped,
                 **{k: member[k] for k in ("base_model", "adapters", "max_length")},
                 "adapter_files": [_adapter_stamp(a) for a in member["adapters"]],
-                "precision": args.precision,
-                "attn_implementation": args.attn_implementation,
-                "attn_softcapping": args.attn_softcapping,
-                **({"pack_rows": True} if args.pack_rows else {}),  # (keeps the keys of padded-path caches)
+                **{k: v for k, v in self.settings.items() if k != "compile_layers"},  # what the logits depend on
             }
         )
         path = os.path.join(args.out, "members", f"{member['name']}-{tag}{'-swapped' if swapped else ''}.parquet")
@@ -257,8 +276,8 @@ class MemberScorer:
                 shard = list(mine)
         self._load()
         logits = score_dataset(
-            self.model, self.tokenizer, dataset.select(shard), member["max_length"], swapped, args.token_budget,
-            args.max_batch_size, args.pack_rows,
+            self.model, self.tokenizer, dataset.select(shard), member["max_length"], swapped,
+            self.settings["token_budget"], self.settings["max_batch_size"], self.settings["pack_rows"],
         )
         if state.num_processes > 1:
             logits = gather_shards(len(dataset), shard, logits)
@@ -273,9 +292,11 @@ class MemberScorer:
 
         args, member = self.args, self.member
         self.tokenizer = load_scoring_tokenizer(member["base_model"], args.trust_remote_code)
+        settings = self.settings
         self.model = load_model(
-            member["base_model"], member["adapters"], args.precision, args.device, args.attn_implementation,
-            args.allow_base_mismatch, args.trust_remote_code, args.attn_softcapping,
+            member["base_model"], member["adapters"], settings["precision"], self.device,
+            settings["attn_implementation"], args.allow_base_mismatch, args.trust_remote_code,
+            settings["attn_softcapping"], settings["merge_adapters"], settings["compile_layers"],
         )
 
     def release(self):

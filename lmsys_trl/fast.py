@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from .distill import TEACHER_PROBS, DistillConfig, DistillTrainerMixin
+from .model import compile_decoder_layers, decoder_layers
 
 
 FLEX_ATTENTION = "lmsys_flex"
@@ -42,6 +43,11 @@ class FastSFTConfig(DistillConfig, SFTConfig):
     flex_attention: bool = field(
         default=False,
         metadata={"help": "Compiled flex attention (softcap score_mod, packed-row block mask) instead of the model's."},
+    )
+    compile_layers: bool = field(
+        default=False,
+        metadata={"help": "torch.compile each decoder layer (fixed shapes: best with pad_to_multiple_of = "
+                          "pack_token_budget, one micro-batch length)."},
     )
     checkpointed_layers: float = field(
         default=1.0,
@@ -184,9 +190,7 @@ def register_flex_attention() -> str:
 
 def limit_checkpointed_layers(model, fraction: float) -> int:
     """Keep gradient checkpointing on `round(fraction * layers)` evenly spread decoder layers; returns that count."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = decoder_layers(model)
     keep = round(fraction * len(layers))
     chosen = {int(i * len(layers) / keep) for i in range(keep)} if keep else set()
     for index, layer in enumerate(layers):
@@ -217,6 +221,8 @@ class FastSFTTrainer(DistillTrainerMixin, SFTTrainer):
         super().__init__(model, args, *pargs, **kwargs)
         if args.gradient_checkpointing and getattr(args, "checkpointed_layers", 1.0) < 1.0:
             self.add_callback(SelectiveCheckpointing(args.checkpointed_layers))
+        if getattr(args, "compile_layers", False):
+            compile_decoder_layers(self.model)
         budget = getattr(args, "pack_token_budget", None)
         multiple = args.pad_to_multiple_of if isinstance(args.pad_to_multiple_of, int) else None  # TRL's "auto"
         self.packing_collator = (

@@ -48,6 +48,27 @@ def default_attn_implementation(name_or_path: str, requested: str | None, revisi
     return "eager" if config.model_type in SOFTCAP_MODEL_TYPES else None
 
 
+def decoder_layers(model) -> list:
+    """The decoder layers of a transformers model (under PEFT / DDP wrappers too), in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def compile_decoder_layers(model, backend: str = "inductor") -> int:
+    """`torch.compile` each decoder layer in place with fixed shapes (fuses its norms, activations and residuals; the
+    layers share one graph per layer kind). Gradient checkpointing stays outside the compiled call. Returns the count.
+    """
+    layers = decoder_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no decoder layers (GradientCheckpointingLayer) to compile")
+    # one graph per micro-batch shape and layer kind (gemma-2 alternates sliding / global layers)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for layer in layers:
+        layer.compile(backend=backend, dynamic=False)
+    return len(layers)
+
+
 DOT_PRODUCT_ATTENTION = "lmsys_dot_product"  # SDPA for gemma-2 without softcapping (a name without "sdpa" in it)
 
 

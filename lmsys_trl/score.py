@@ -7,11 +7,14 @@ template up to the assistant turn, so the next token is the answer letter. Two p
 - packed (`pack=True`): rows packed first-fit-decreasing into flat sequences of exactly `token_budget` tokens
   (`lmsys_trl.fast.PackingCollator`: position ids restart at each row, no attention mask, so transformers builds the
   packed-document mask), the backbone run once per sequence and the LM head applied only at each row's last token.
+Before scoring, `prepare_for_scoring` merges the LoRA adapters into the base, quantises its linear layers to FP8 for
+`precision="fp8"` and compiles the decoder layers, as `resolve_scoring` settles for the device.
 """
 
 import importlib.util
 import logging
 import os
+from contextlib import contextmanager
 from itertools import accumulate
 
 import numpy as np
@@ -25,7 +28,13 @@ from .model import attention_kwargs, letter_token_ids, load_tokenizer
 
 
 logger = logging.getLogger(__name__)
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "8bit", "4bit")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fp8", "8bit", "4bit")
+KBIT = ("8bit", "4bit")  # bitsandbytes bases: adapters stay unmerged
+# Scoring settings (`EvalArguments` fields) and what `resolve_scoring` makes of their "auto" (None) values.
+SCORING_KEYS = ("precision", "attn_implementation", "attn_softcapping", "token_budget", "max_batch_size", "pack_rows",
+                "merge_adapters", "compile_layers")
+GPU_PRECISION = "bf16"  # `precision: auto` on a GPU (docs/benchmarks.md, issue 6: precision and log loss)
+PACKED_TOKEN_BUDGET, PADDED_TOKEN_BUDGET = 16384, 8192
 SWAP_BACK = [1, 0, 2]  # probabilities of a swapped row, reordered to the original A/B
 
 
@@ -62,14 +71,20 @@ def check_adapter_base(adapter: str, base_model: str, allow_mismatch: bool = Fal
     logger.warning("%s (allowed by --allow_base_mismatch)", message)
 
 
+def auto_precision(precision: str, device: str) -> str:
+    """'auto' -> `GPU_PRECISION` on a GPU, fp32 on the CPU; other values unchanged."""
+    if precision != "auto":
+        return precision
+    return GPU_PRECISION if device.startswith("cuda") else "fp32"
+
+
 def load_kwargs(precision: str, device: str) -> dict:
-    """`from_pretrained` kwargs: fp32 / bf16 / fp16, or bitsandbytes 8-bit / 4-bit (nf4, double quant, bf16)."""
+    """`from_pretrained` kwargs: fp32 / bf16 / fp16 (fp8: bf16), or bitsandbytes 8-bit / 4-bit (nf4, double quant)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        precision = "bf16" if device.startswith("cuda") else "fp32"
-    if precision in ("fp32", "bf16", "fp16"):
-        return {"dtype": {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]}
+    precision = auto_precision(precision, device)
+    if precision in ("fp32", "bf16", "fp16", "fp8"):  # fp8: loaded in bf16, quantised by `prepare_for_scoring`
+        return {"dtype": {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.bfloat16)}
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError(
             f"precision {precision} needs bitsandbytes (`pip install lmsys-trl[quantization]`, CUDA only); "
@@ -96,6 +111,50 @@ def process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def resolve_scoring(settings: dict, device: str) -> dict:
+    """`SCORING_KEYS` settings with their automatic values settled for `device`: on a GPU rows are packed into
+    sequences of `PACKED_TOKEN_BUDGET` tokens scored with the compiled flex kernel and compiled decoder layers at
+    `GPU_PRECISION`; on the CPU, fp32 padded batches of `PADDED_TOKEN_BUDGET` tokens. Explicit values are kept, except
+    that adapters are never merged into a k-bit base."""
+    resolved = {key: settings.get(key) for key in SCORING_KEYS}
+    cuda = device.startswith("cuda")
+    resolved["precision"] = auto_precision(resolved["precision"] or "auto", device)
+    if resolved["pack_rows"] is None:
+        resolved["pack_rows"] = cuda and resolved["max_batch_size"] is None
+    if resolved["token_budget"] is None:
+        resolved["token_budget"] = PACKED_TOKEN_BUDGET if resolved["pack_rows"] else PADDED_TOKEN_BUDGET
+    if resolved["attn_implementation"] is None and cuda and resolved["pack_rows"]:
+        from .fast import FLEX_ATTENTION
+
+        resolved["attn_implementation"] = FLEX_ATTENTION
+    if resolved["compile_layers"] is None:
+        resolved["compile_layers"] = cuda and resolved["pack_rows"]  # one fixed shape: one compilation
+    if resolved["attn_softcapping"] is None:
+        resolved["attn_softcapping"] = True
+    resolved["merge_adapters"] = resolved["merge_adapters"] is not False and resolved["precision"] not in KBIT
+    return resolved
+
+
+def prepare_for_scoring(model, precision: str, merge_adapters: bool = True, compile_layers: bool = False):
+    """The model as it is scored: LoRA adapters merged into the base (always for fp8), linear layers in FP8 for
+    `precision="fp8"`, decoder layers compiled; returns the (possibly unwrapped) model in eval mode."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel) and (merge_adapters or precision == "fp8"):
+        if precision in KBIT:
+            raise ValueError(f"LoRA adapters cannot be merged into a {precision} base; score them unmerged")
+        model = model.merge_and_unload()
+    if precision == "fp8":
+        from .fp8 import quantize_linear_layers
+
+        quantize_linear_layers(model)
+    if compile_layers:
+        from .model import compile_decoder_layers
+
+        compile_decoder_layers(model)
+    return model.eval()
+
+
 def resolve_device(device: str = "auto") -> str:
     """'auto': this process's GPU (cuda:<local rank>) when there is one, else the CPU."""
     if device == "auto":
@@ -112,8 +171,11 @@ def load_model(
     allow_base_mismatch: bool = False,
     trust_remote_code: bool = False,
     attn_softcapping: bool = True,
+    merge_adapters: bool = False,
+    compile_layers: bool = False,
 ):
-    """Base model (local path or hub id) at `precision`, with LoRA adapters applied together; eval mode.
+    """Base model (local path or hub id) at `precision`, with LoRA adapters applied together, then
+    `prepare_for_scoring` (merge, FP8, compile); eval mode.
 
     Several adapters are stacked: all of them are active at once (their weight deltas add up).
     """
@@ -140,8 +202,7 @@ def load_model(
             model.load_adapter(adapter, adapter_name=name)
     if len(adapters) > 1:
         model.base_model.set_adapter(names)
-    model.eval()
-    return model
+    return prepare_for_scoring(model, auto_precision(precision, device), merge_adapters, compile_layers)
 
 
 def scoring_attention_kwargs(base_model: str, attn_implementation: str | None, softcapping: bool = True) -> dict:
@@ -215,6 +276,28 @@ def batch_letter_logits(model, rows: list[list[int]], letter_ids: list[int], pad
         use_cache=False,
     ).logits
     return logits[:, -1, letter_ids].float()
+
+
+@contextmanager
+def plain_forward(model, attention: str = "eager"):
+    """The model with its decoder layers uncompiled and `attention` kernel while inside: the reference forward of the
+    parity checks (rows of any length, no recompilation), restored on exit."""
+    from .distill import causal_lm_of
+    from .model import decoder_layers
+
+    causal_lm = causal_lm_of(model)
+    layers = decoder_layers(causal_lm)
+    compiled = [layer._compiled_call_impl for layer in layers]  # set by nn.Module.compile
+    kernel = causal_lm.config._attn_implementation
+    for layer in layers:
+        layer._compiled_call_impl = None
+    causal_lm.set_attn_implementation(attention)
+    try:
+        yield model
+    finally:
+        causal_lm.set_attn_implementation(kernel)
+        for layer, call in zip(layers, compiled):
+            layer._compiled_call_impl = call
 
 
 @torch.inference_mode()

@@ -13,7 +13,9 @@ Usage (GPU, from the repo root):
         --variant full-ckpt checkpointed_layers=1.0 --variant no-liger use_liger_kernel=false
     python scripts/benchmark.py infer --shape gemma-2-9b --max_length 1900 \
         --tokenizer ../shared/tokenizers/gemma-2 --data ../shared/data/lmsys_arena_sample100.csv \
-        --variant packed-flex pack_rows=true token_budget=16384 attn_implementation=lmsys_flex
+        --variant fp8 precision=fp8 --variant default-tta swap_tta=true
+Variant keys: `EvalArguments` scoring keys (precision, pack_rows, token_budget, attn_implementation, merge_adapters,
+compile_layers, ...) and `swap_tta=true` (every pass also scores the A/B-swapped rows; rows/s counts arena rows).
 """
 
 import argparse
@@ -101,7 +103,9 @@ def infer(args):
 
     tokenizer = load_scoring_tokenizer(args.tokenizer)
     data = load_arena([args.data])
-    rows = encode_rows(data.select(range(min(args.rows or len(data), len(data)))), tokenizer, args.max_length)
+    data = data.select(range(min(args.rows or len(data), len(data))))
+    rows = encode_rows(data, tokenizer, args.max_length)
+    swapped_rows = encode_rows(data, tokenizer, args.max_length, swapped=True)
     lengths = sorted(map(len, rows))
     print(f"length mix: {len(rows)} rows, median {lengths[len(lengths) // 2]}, max {lengths[-1]} tokens "
           f"(max_length {args.max_length})", flush=True)
@@ -110,7 +114,7 @@ def infer(args):
     def measure(name, overrides):
         return run_variant(
             name, overrides, args.shape, tokenizer, rows, args.passes, args.warmup_passes, args.parity_rows,
-            args.num_layers,
+            args.num_layers, swapped_rows,
         )
 
     return run_variants(args, variants, measure, "infer")
@@ -142,7 +146,7 @@ def main(argv=None):
     p.add_argument("--max_length", type=int, default=1900, help="inference max length (llama-3.1: 2400)")
     p.add_argument("--rows", type=int, default=None, help="score only the first N rows of --data")
     p.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
-                   help="extra variant: EvalArguments scoring keys, e.g. packed pack_rows=true token_budget=16384")
+                   help="extra variant: EvalArguments scoring keys or swap_tta, e.g. fp8 precision=fp8")
     p.add_argument("--only", nargs="+", help="run only these variants")
     p.add_argument("--warmup_passes", type=int, default=1, help="untimed passes over the rows (compilation)")
     p.add_argument("--passes", type=int, default=1, help="timed passes over the rows")

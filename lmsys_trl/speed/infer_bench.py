@@ -18,46 +18,51 @@ import torch
 
 from ..evaluation import EvalArguments
 from ..metrics import softmax
-from ..score import load_kwargs, reference_letter_logits, score_token_rows, scoring_attention_kwargs
+from ..score import (
+    KBIT,
+    SCORING_KEYS,
+    load_kwargs,
+    plain_forward,
+    prepare_for_scoring,
+    reference_letter_logits,
+    resolve_scoring,
+    score_token_rows,
+    scoring_attention_kwargs,
+)
 
 
-SCORING_KEYS = ("precision", "attn_implementation", "attn_softcapping", "token_budget", "max_batch_size", "pack_rows")
 # The 38th-place recipe's scoring: 4-bit base + LoRA, eager attention, batches of 4 length-sorted left-padded rows,
 # last-token logits.
 REFERENCE = {"precision": "4bit", "attn_implementation": "eager", "max_batch_size": 4, "token_budget": 1 << 30,
-             "pack_rows": False}
+             "pack_rows": False, "merge_adapters": False, "compile_layers": False}
 LORA = dict(r=32, lora_alpha=64, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+BENCH_KEYS = ("swap_tta",)  # benchmark-only variant key: also score the A/B-swapped rows in every pass
 
 
-def scoring_settings(overrides: dict) -> dict:
-    """`SCORING_KEYS` at their `EvalArguments` defaults, with `overrides` (unknown keys are an error)."""
-    unknown = set(overrides) - set(SCORING_KEYS)
+def scoring_settings(overrides: dict, device: str) -> dict:
+    """`SCORING_KEYS` at their `EvalArguments` defaults with `overrides`, resolved for `device` as `scripts/eval.py`
+    resolves them (k-bit falls back to fp32 off CUDA); unknown keys are an error."""
+    unknown = set(overrides) - set(SCORING_KEYS) - set(BENCH_KEYS)
     if unknown:
-        raise ValueError(f"unknown scoring keys {sorted(unknown)}; variants may set {', '.join(SCORING_KEYS)}")
+        raise ValueError(f"unknown scoring keys {sorted(unknown)}; variants may set {', '.join(SCORING_KEYS + BENCH_KEYS)}")
     defaults = {f.name: f.default for f in fields(EvalArguments) if f.name in SCORING_KEYS}
-    return {**defaults, **overrides}
-
-
-def effective_precision(precision: str, device: str) -> str:
-    """The precision a variant runs at: 'auto' as `scripts/eval.py` resolves it; k-bit falls back to fp32 off CUDA."""
-    if precision == "auto":
-        return "bf16" if device.startswith("cuda") else "fp32"
-    if precision in ("4bit", "8bit") and not device.startswith("cuda"):
-        print(f"precision {precision} needs CUDA (bitsandbytes): this run uses fp32", flush=True)
-        return "fp32"
-    return precision
+    settings = resolve_scoring({**defaults, **overrides}, device)
+    if settings["precision"] in KBIT and not device.startswith("cuda"):
+        print(f"precision {settings['precision']} needs CUDA (bitsandbytes): this run uses fp32", flush=True)
+        settings["precision"] = "fp32"
+    return settings
 
 
 def build_scoring_model(shape: str, tokenizer, settings: dict, device: str, num_layers: int | None = None):
-    """Random-weight model of `shape` at the variant's precision and attention, with a random unmerged LoRA adapter;
-    returns (model, precision used)."""
+    """Random-weight model of `shape` with a random LoRA adapter, at the variant's (resolved) settings and made ready
+    by `score.prepare_for_scoring`, as `score.load_model` does for real weights."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from ..shapes import model_config
     from .train_bench import quantize_nf4
 
-    precision = effective_precision(settings["precision"], device)
+    precision = settings["precision"]
     if precision == "8bit":
         raise ValueError("precision 8bit: the benchmark quantizes random weights in place for 4bit only")
     config = model_config(shape, tokenizer, num_layers)
@@ -75,7 +80,7 @@ def build_scoring_model(shape: str, tokenizer, settings: dict, device: str, num_
         quantize_nf4(model)
     torch.manual_seed(1)
     model = get_peft_model(model, LoraConfig(**LORA, init_lora_weights=False, task_type="CAUSAL_LM"))
-    return model.eval(), precision
+    return prepare_for_scoring(model, precision, settings["merge_adapters"], settings["compile_layers"])
 
 
 def _synchronized_clock(device: str) -> float:
@@ -85,20 +90,29 @@ def _synchronized_clock(device: str) -> float:
 
 
 def run_variant(name: str, overrides: dict, shape: str, tokenizer, rows: list[list[int]], passes: int = 1,
-                warmup_passes: int = 1, parity_rows: int = 32, num_layers: int | None = None) -> dict:
-    """Score `rows` `warmup_passes` (untimed) + `passes` (timed) times under one variant; its measured numbers."""
+                warmup_passes: int = 1, parity_rows: int = 32, num_layers: int | None = None,
+                swapped_rows: list[list[int]] | None = None) -> dict:
+    """Score `rows` (and `swapped_rows` too with the variant key `swap_tta`) `warmup_passes` (untimed) + `passes`
+    (timed) times under one variant; its measured numbers. `rows_per_s` counts arena rows (a row and its swap: one)."""
     from ..model import letter_token_ids
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    settings = scoring_settings(overrides)
-    model, precision = build_scoring_model(shape, tokenizer, settings, device, num_layers)
+    settings = scoring_settings(overrides, device)
+    tta = bool(overrides.get("swap_tta"))
+    if tta and swapped_rows is None:
+        raise ValueError(f"variant {name}: swap_tta needs the swapped rows")
+    model = build_scoring_model(shape, tokenizer, settings, device, num_layers)
     letter_ids = letter_token_ids(tokenizer)
 
     def score():
-        return score_token_rows(
-            model, rows, letter_ids, tokenizer.pad_token_id, settings["token_budget"], settings["max_batch_size"],
-            desc=name, pack=settings["pack_rows"],
-        )
+        logits = [
+            score_token_rows(
+                model, part, letter_ids, tokenizer.pad_token_id, settings["token_budget"],
+                settings["max_batch_size"], desc=name, pack=settings["pack_rows"],
+            )
+            for part in ([rows, swapped_rows] if tta else [rows])
+        ]
+        return logits[0]
 
     for _ in range(warmup_passes):
         score()
@@ -109,17 +123,21 @@ def run_variant(name: str, overrides: dict, shape: str, tokenizer, rows: list[li
         logits = score()
     seconds = _synchronized_clock(device) - start
     checked = rows[:parity_rows]
-    plain = np.stack([reference_letter_logits(model, ids, letter_ids).cpu().numpy() for ids in checked])
-    tokens = passes * sum(map(len, rows))
+    with plain_forward(model):
+        plain = np.stack([reference_letter_logits(model, ids, letter_ids).cpu().numpy() for ids in checked])
+    tokens = passes * (sum(map(len, rows)) + (sum(map(len, swapped_rows)) if tta else 0))
+    rows_per_s = passes * len(rows) / seconds
     result = {
         "variant": name,
         "tokens_per_s": round(tokens / seconds, 1),
-        "rows_per_s": round(passes * len(rows) / seconds, 3),
+        "rows_per_s": round(rows_per_s, 3),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if device == "cuda" else None,
         "max_abs_prob_diff": float(np.abs(softmax(logits[: len(checked)]) - softmax(plain)).max()),
         "parity_rows": len(checked),
-        "precision": precision,
+        "precision": settings["precision"],
+        "swap_tta": tta,
+        "projected_s_25k_rows": round(25_000 / rows_per_s, 1),
         "seconds": round(seconds, 3),
         "timed_tokens": tokens,
         "timed_rows": passes * len(rows),

@@ -1,0 +1,71 @@
+"""FP8 (e4m3) linear layers for scoring: weights quantised once per output row, activations per token at run time.
+
+`torch._scaled_mm` multiplies the FP8 operands with their row-wise scales and accumulates in fp32 (FP8 tensor cores on
+H100; a reference kernel on the CPU, where it only runs tests). The scale of a row is its absolute maximum over the
+largest e4m3 value, so nothing saturates. Used by `scripts/eval.py --precision fp8` after the LoRA adapters are merged
+into the bf16 base; the LM head and embeddings stay in bf16.
+"""
+
+import torch
+from torch import nn
+
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
+ALIGNMENT = 16  # `_scaled_mm` wants the inner and output dimensions (and here the rows) in multiples of 16
+
+
+def rowwise_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FP8 tensor, (rows, 1) fp32 scales) with x ~= fp8 * scale, one scale per row of the 2-D `x`."""
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    return (x.float() / scale).to(FP8), scale
+
+
+class Float8Linear(nn.Module):
+    """`nn.Linear` with FP8 weights (per-output-row scales) and dynamically quantised per-token FP8 activations."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if linear.in_features % ALIGNMENT or linear.out_features % ALIGNMENT:
+            raise ValueError(
+                f"FP8 needs in/out features divisible by {ALIGNMENT}, got {linear.in_features}x{linear.out_features}"
+            )
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight, scale = rowwise_fp8(linear.weight.detach())
+        self.weight = nn.Parameter(weight, requires_grad=False)  # (out, in), row-major: `.t()` is column-major
+        self.register_buffer("weight_scale", scale.t().contiguous())  # (1, out)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        padding = -rows.shape[0] % ALIGNMENT
+        if padding:
+            rows = torch.nn.functional.pad(rows, (0, 0, 0, padding))
+        quantized, scale = rowwise_fp8(rows)
+        out = torch._scaled_mm(
+            quantized, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=x.dtype
+        )
+        if padding:
+            out = out[: out.shape[0] - padding]
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8"
+
+
+def quantize_linear_layers(model: nn.Module, keep: tuple[str, ...] = ("lm_head",)) -> int:
+    """Replace every `nn.Linear` of `model` (bf16 weights, adapters merged) by a `Float8Linear`, except modules whose
+    name ends with an entry of `keep`; returns how many were replaced."""
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and not name.endswith(keep)
+    ]
+    if not targets:
+        raise ValueError("no nn.Linear layers to quantise (LoRA adapters must be merged first)")
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, Float8Linear(module))
+    return len(targets)
