@@ -40,8 +40,8 @@ def run_variants(args, variants: dict, measure, mode: str) -> dict:
     """Measure each variant (`measure(name, overrides)` -> result), append its JSON line, print the comparison."""
     from lmsys_trl.speed.train_bench import append_result
 
-    if args.only:
-        variants = {k: v for k, v in variants.items() if k in args.only}
+    if args.only:  # in the order given
+        variants = {k: variants[k] for k in args.only if k in variants}
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     measured = {}
     for name, overrides in variants.items():
@@ -129,7 +129,7 @@ def main(argv=None):
     p.add_argument("--tokenizer", required=True, help="tokenizer folder of the shape's family")
     p.add_argument("--data", required=True, help="arena file whose rows give the length mix")
     p.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"), help="extra variant")
-    p.add_argument("--only", nargs="+", help="run only these variants")
+    p.add_argument("--only", nargs="+", help="run only these variants, in this order")
     p.add_argument("--warmup", type=int, default=4, help="untimed optimiser steps (compilation) per variant")
     p.add_argument("--steps", type=int, default=6, help="timed optimiser steps per variant")
     p.add_argument("--reference_warmup", type=int, default=1)
@@ -147,7 +147,7 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=None, help="score only the first N rows of --data")
     p.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
                    help="extra variant: EvalArguments scoring keys or swap_tta, e.g. fp8 precision=fp8")
-    p.add_argument("--only", nargs="+", help="run only these variants")
+    p.add_argument("--only", nargs="+", help="run only these variants, in this order")
     p.add_argument("--warmup_passes", type=int, default=1, help="untimed passes over the rows (compilation)")
     p.add_argument("--passes", type=int, default=1, help="timed passes over the rows")
     p.add_argument("--parity_rows", type=int, default=32, help="rows checked against the plain unbatched forward")

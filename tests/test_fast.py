@@ -135,6 +135,29 @@ def test_packed_step_equals_padded_step(records, tmp_path):
         torch.testing.assert_close(fast_grads[name], ref_grads[name], **TOL, msg=name)
 
 
+def test_compiled_layers_step_equals_padded_step(records, tmp_path, monkeypatch):
+    """`compile_layers` (here the aot_eager backend: dynamo + AOT autograd without codegen, as CI has no GPU) with
+    packing and one of two layers checkpointed: the reference's loss and LoRA gradients."""
+    import functools
+
+    import lmsys_trl.fast
+
+    monkeypatch.setattr(lmsys_trl.fast, "compile_decoder_layers",
+                        functools.partial(lmsys_trl.fast.compile_decoder_layers, backend="aot_eager"))
+    ref_loss, ref_grads = loss_and_grads(make_trainer(records, tmp_path))
+    fast = make_trainer(records, tmp_path, pack_token_budget=512, pad_to_multiple_of=512, compile_layers=True,
+                        gradient_checkpointing=True, checkpointed_layers=0.5)
+    if not fast.model.is_gradient_checkpointing:  # (the Trainer switches it on when training starts)
+        fast.model.gradient_checkpointing_enable(fast.args.gradient_checkpointing_kwargs)
+    limit_checkpointed_layers(fast.model, fast.args.checkpointed_layers)
+    layers = lmsys_trl.fast.decoder_layers(fast.model)
+    assert all(layer._compiled_call_impl for layer in layers) and [l.gradient_checkpointing for l in layers] == [1, 0]
+    fast_loss, fast_grads = loss_and_grads(fast)
+    torch.testing.assert_close(fast_loss, ref_loss, **TOL)
+    for name in ref_grads:
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], **TOL, msg=name)
+
+
 @pytest.mark.parametrize("attn", ["eager", FLEX_ATTENTION])
 def test_packed_rows_never_attend_across(records, attn):
     """Logits of each row inside a packed sequence equal those of the row alone through eager attention."""

@@ -25,7 +25,7 @@ from ..fast import FastSFTTrainer
 REFERENCE = {
     "per_device_train_batch_size": 1, "gradient_accumulation_steps": 16, "gradient_checkpointing": False,
     "pack_token_budget": None, "pad_to_multiple_of": None, "flex_attention": False, "checkpointed_layers": 1.0,
-    "use_liger_kernel": False,
+    "use_liger_kernel": False, "compile_layers": False,
 }
 
 
