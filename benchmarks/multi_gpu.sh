@@ -3,8 +3,8 @@
 # each accelerate config at world size 1 and N, on the training benchmark's length mix (lmsys_arena_sample100 rows,
 # gemma-2 tokenizer, max_length 2200). Every run takes the same rows (80) in the same optimiser steps (5 x 16 rows):
 # gradient accumulation is divided by the world size (keep_rows_per_step). Appends one JSON line per run to
-# benchmarks/results.jsonl and checks that each saved adapter loads in scripts/eval.py. Flex attention is off by
-# default here (SFT_ARGS): its per-shape compilation (~30 s each) would dominate runs of 5 steps.
+# benchmarks/results.jsonl and checks that each saved adapter loads in scripts/eval.py. Flex attention and compiled
+# layers are off by default here (SFT_ARGS, EVAL_ARGS): their compilation (~30 s a shape) would dominate short runs.
 #   bash benchmarks/multi_gpu.sh <tokenizers dir> <data dir> <out dir> [world sizes...]     (default: 1 2)
 set -uo pipefail
 tokenizers=${1:?tokenizers dir}; data=${2:?data dir}; out=${3:?out dir}; shift 3
@@ -24,12 +24,12 @@ for n in "${sizes[@]}"; do
     CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) timeout "${RUN_TIMEOUT:-300}" accelerate launch --config_file accelerate_configs/$cfg.yaml --num_processes "$n" scripts/sft.py \
         recipes/gemma2_9b.yaml --model_name_or_path "$model" --train_files "$data/lmsys_arena_sample100.csv" \
         --max_train_rows 80 --swap_augment 0 --max_val_rows 8 --max_steps 5 --logging_steps 1 \
-        --save_strategy no --overwrite_output_dir true --output_dir "$run" ${SFT_ARGS:---flex_attention false} > "$run.log" 2>&1
+        --save_strategy no --overwrite_output_dir true --output_dir "$run" ${SFT_ARGS:---flex_attention false --compile_layers false} > "$run.log" 2>&1
     rc=$?
     loads=no
     if [ -n "${SKIP_EVAL:-}" ]; then loads=skipped
     elif [ $rc = 0 ] && python3 scripts/eval.py --base_model "$model" --adapters "$run" --max_length 1900 \
-        --data "$data/lmsys_arena_sample100.csv" --max_rows 8 --out "$run-eval" --no_report ${EVAL_ARGS:---precision 4bit} \
+        --data "$data/lmsys_arena_sample100.csv" --max_rows 8 --out "$run-eval" --no_report ${EVAL_ARGS:---precision 4bit --pack_rows false} \
         > "$run-eval.log" 2>&1; then loads=yes; fi
     python3 - "$run" "$cfg" "$n" "$rc" "$loads" "$start" <<'PY'
 import json, os, sys, time, datetime, torch
