@@ -12,6 +12,7 @@ Everything plugs into TRL / transformers extension points, switched on by recipe
 The LM head runs only at the answer positions already: TRL's `SFTTrainer.compute_loss` uses its fused LM head.
 """
 
+import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ from .distill import TEACHER_PROBS, DistillConfig, DistillTrainerMixin
 from .model import compile_decoder_layers, decoder_layers
 
 
+logger = logging.getLogger(__name__)
 FLEX_ATTENTION = "lmsys_flex"
 # Triton tiles for head_dim 256 (gemma-2): the default ones exceed the H100's shared memory.
 LARGE_HEAD_KERNEL_OPTIONS = {"BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 1}
@@ -223,6 +225,7 @@ class FastSFTTrainer(DistillTrainerMixin, SFTTrainer):
             self.add_callback(SelectiveCheckpointing(args.checkpointed_layers))
         if getattr(args, "compile_layers", False):
             compile_decoder_layers(self.model)
+        self.padded_steps = 0  # steps where this process ran padding micro-batches (see `training_step`)
         budget = getattr(args, "pack_token_budget", None)
         multiple = args.pad_to_multiple_of if isinstance(args.pad_to_multiple_of, int) else None  # TRL's "auto"
         self.packing_collator = (
@@ -240,15 +243,42 @@ class FastSFTTrainer(DistillTrainerMixin, SFTTrainer):
             self.data_collator = padded
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """Forward + backward of each packed micro-batch in turn (gradients accumulate; DDP syncs on the last)."""
+        """Forward + backward of each packed micro-batch in turn (gradients accumulate; DDP syncs on the last).
+
+        Every process runs as many micro-batches (padding-only ones first where it has fewer): TRL's `compute_loss`
+        gathers its metrics across processes once per call, so unequal counts would hang the collectives."""
         lengths = inputs.pop("micro_batch_lengths", None)
-        if not lengths or len(lengths) == 1:
+        if lengths is None:
             return super().training_step(model, inputs, num_items_in_batch)
         if num_items_in_batch is None:  # every micro-batch must be normalised by the whole batch's answer tokens
             num_items_in_batch = int((inputs["labels"] != -100).sum())
         parts = [dict(zip(inputs, values)) for values in zip(*(inputs[k].split(lengths, dim=1) for k in inputs))]
+        missing = self._most_micro_batches(len(parts)) - len(parts)
+        if missing:
+            if not self.padded_steps:
+                logger.info("step %d: %d padding micro-batch(es) keep this process in step with the others "
+                            "(its rows packed into fewer)", self.state.global_step, missing)
+            self.padded_steps += 1
+            parts = [padding_micro_batch(min(parts, key=lambda p: p["input_ids"].shape[1]))] * missing + parts
+        if len(parts) == 1:
+            return super().training_step(model, parts[0], num_items_in_batch)
         total = 0.0
         for i, part in enumerate(parts):
             with self.accelerator.no_sync(model) if i < len(parts) - 1 else nullcontext():
                 total = total + super().training_step(model, part, num_items_in_batch)
         return total
+
+    def _most_micro_batches(self, count: int) -> int:
+        """The largest micro-batch count of this step over all processes."""
+        if self.accelerator.num_processes == 1:
+            return count
+        counts = self.accelerator.gather(torch.tensor([count], device=self.accelerator.device))
+        return int(counts.max())
+
+
+def padding_micro_batch(part: dict) -> dict:
+    """A micro-batch shaped like `part` that trains nothing: labels -100, positions from 0, everything else zero."""
+    dummy = {key: torch.zeros_like(value) for key, value in part.items()}
+    dummy["labels"] = torch.full_like(part["labels"], -100)
+    dummy["position_ids"] = torch.arange(part["position_ids"].shape[1], device=part["position_ids"].device)[None]
+    return dummy

@@ -158,6 +158,23 @@ def test_compiled_layers_step_equals_padded_step(records, tmp_path, monkeypatch)
         torch.testing.assert_close(fast_grads[name], ref_grads[name], **TOL, msg=name)
 
 
+def test_padding_micro_batches_change_nothing(records, tmp_path, monkeypatch):
+    """A process whose rows pack into fewer micro-batches than another's runs padding ones (TRL gathers metrics once
+    per micro-batch): they add no loss and no gradient."""
+    fast = make_trainer(records, tmp_path, pack_token_budget=512, pad_to_multiple_of=64)
+    loss, grads = loss_and_grads(fast)
+    calls = []
+    original = FastSFTTrainer.compute_loss
+    monkeypatch.setattr(FastSFTTrainer, "compute_loss", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    monkeypatch.setattr(FastSFTTrainer, "_most_micro_batches", lambda self, count: count + 2)  # another has 2 more
+    padded_loss, padded_grads = loss_and_grads(fast)
+    micro_batches = len(fast.packing_collator([fast.train_dataset[i] for i in range(N_ROWS)])["micro_batch_lengths"])
+    assert len(calls) == micro_batches + 2 and fast.padded_steps == 1
+    torch.testing.assert_close(padded_loss, loss, **TOL)
+    for name in grads:
+        torch.testing.assert_close(padded_grads[name], grads[name], **TOL, msg=name)
+
+
 @pytest.mark.parametrize("attn", ["eager", FLEX_ATTENTION])
 def test_packed_rows_never_attend_across(records, attn):
     """Logits of each row inside a packed sequence equal those of the row alone through eager attention."""

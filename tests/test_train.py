@@ -9,7 +9,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import ARENA_SAMPLE, PANDALM, REPO
 from safetensors.torch import load_file
 
 from lmsys_trl.train import push_adapter
@@ -136,6 +136,22 @@ def test_accelerate_launch_on_cpu(tiny_llama, tmp_path, num_processes):
     assert "eval_log_loss" in metrics and metrics["world_size"] == num_processes
     if num_processes == 2:  # the recipe's 2 accumulation steps are split over the 2 processes
         assert "gradient_accumulation_steps 2 -> 1" in result.stderr
+
+
+def test_two_processes_train_packed_micro_batches(tiny_llama, tmp_path):
+    """Packed training under DDP (2 CPU processes, gloo): the processes exchange their micro-batch counts every step
+    (`FastSFTTrainer._most_micro_batches`) and train to a saved adapter."""
+    out = tmp_path / "packed2"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "scripts" / "sft.py"),
+        *sft_argv(tiny_llama, out, "--max_steps", "2", "--max_val_rows", "2", "--train_files", str(PANDALM),
+                  str(ARENA_SAMPLE), "--max_train_rows", "16", "--max_length", "256",
+                  "--per_device_train_batch_size", "8", "--pack_token_budget", "512", "--pad_to_multiple_of", "64"),
+    ]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "adapter_model.safetensors").stat().st_size > 20_000
 
 
 def test_an_empty_adapter_file_is_refused(trained, tmp_path):
