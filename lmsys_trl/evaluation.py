@@ -22,7 +22,6 @@ from .ensemble import (
 )
 from .metrics import log_loss
 from .score import (
-    GPU_PRECISION,
     PACKED_TOKEN_BUDGET,
     PADDED_TOKEN_BUDGET,
     PRECISIONS,
@@ -98,8 +97,9 @@ class EvalArguments:
     )
     precision: str = field(
         default="auto",
-        metadata={"help": f"Base weights: {', '.join(PRECISIONS)} (auto: {GPU_PRECISION} on GPU, fp32 on CPU; fp8: bf16 "
-                          "load, adapters merged, linear layers FP8 (H100 or CPU); k-bit: bitsandbytes, CUDA)."},
+        metadata={"help": f"Base weights: {', '.join(PRECISIONS)} (auto: fp8 on GPUs with FP8 tensor cores such as the "
+                          "H100, else bf16; fp32 on CPU. fp8: bf16 load, adapters merged, linear layers FP8 with "
+                          "per-row scales. k-bit: bitsandbytes, CUDA)."},
     )
     attn_implementation: str | None = field(
         default=None,

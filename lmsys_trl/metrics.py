@@ -6,12 +6,17 @@ import numpy as np
 EPS = 1e-15  # Kaggle clips probabilities to [eps, 1 - eps] and renormalises rows
 
 
-def log_loss(probs, labels, eps: float = EPS) -> float:
-    """Mean multi-class log loss, clipped and renormalised like Kaggle's scorer."""
+def row_log_loss(probs, labels, eps: float = EPS) -> np.ndarray:
+    """Per-row -log p(label), probabilities clipped and renormalised like Kaggle's scorer."""
     p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1 - eps)
     p = p / p.sum(axis=1, keepdims=True)
     labels = np.asarray(labels, dtype=np.int64)
-    return float(-np.mean(np.log(p[np.arange(len(labels)), labels])))
+    return -np.log(p[np.arange(len(labels)), labels])
+
+
+def log_loss(probs, labels, eps: float = EPS) -> float:
+    """Mean multi-class log loss, clipped and renormalised like Kaggle's scorer."""
+    return float(np.mean(row_log_loss(probs, labels, eps)))
 
 
 def accuracy(probs, labels) -> float:

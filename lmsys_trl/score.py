@@ -33,7 +33,6 @@ KBIT = ("8bit", "4bit")  # bitsandbytes bases: adapters stay unmerged
 # Scoring settings (`EvalArguments` fields) and what `resolve_scoring` makes of their "auto" (None) values.
 SCORING_KEYS = ("precision", "attn_implementation", "attn_softcapping", "token_budget", "max_batch_size", "pack_rows",
                 "merge_adapters", "compile_layers")
-GPU_PRECISION = "bf16"  # `precision: auto` on a GPU (docs/benchmarks.md, issue 6: precision and log loss)
 PACKED_TOKEN_BUDGET, PADDED_TOKEN_BUDGET = 16384, 8192
 SWAP_BACK = [1, 0, 2]  # probabilities of a swapped row, reordered to the original A/B
 
@@ -72,10 +71,15 @@ def check_adapter_base(adapter: str, base_model: str, allow_mismatch: bool = Fal
 
 
 def auto_precision(precision: str, device: str) -> str:
-    """'auto' -> `GPU_PRECISION` on a GPU, fp32 on the CPU; other values unchanged."""
+    """'auto' -> fp8 on a GPU with FP8 tensor cores (compute capability >= 8.9: H100, L4, ...), bf16 on older GPUs,
+    fp32 on the CPU; other values unchanged. (FP8 is the fastest precision that lost no log loss against the reference
+    recipe's 4-bit scoring: docs/benchmarks.md, "Precision and log loss".)"""
     if precision != "auto":
         return precision
-    return GPU_PRECISION if device.startswith("cuda") else "fp32"
+    if not device.startswith("cuda"):
+        return "fp32"
+    fp8_cores = torch.cuda.is_available() and torch.cuda.get_device_capability(torch.device(device)) >= (8, 9)
+    return "fp8" if fp8_cores else "bf16"
 
 
 def load_kwargs(precision: str, device: str) -> dict:
@@ -114,7 +118,7 @@ def process_state():
 def resolve_scoring(settings: dict, device: str) -> dict:
     """`SCORING_KEYS` settings with their automatic values settled for `device`: on a GPU rows are packed into
     sequences of `PACKED_TOKEN_BUDGET` tokens scored with the compiled flex kernel and compiled decoder layers at
-    `GPU_PRECISION`; on the CPU, fp32 padded batches of `PADDED_TOKEN_BUDGET` tokens. Explicit values are kept, except
+    `auto_precision`'s (fp8 on an H100); on the CPU, fp32 padded batches of `PADDED_TOKEN_BUDGET` tokens. Explicit values are kept, except
     that adapters are never merged into a k-bit base."""
     resolved = {key: settings.get(key) for key in SCORING_KEYS}
     cuda = device.startswith("cuda")

@@ -5,6 +5,8 @@ own default (its fast-path keys) in one process, on the same rows, prints tokens
 and appends one JSON line per variant to benchmarks/results.jsonl. Further variants: `--variant NAME key=value ...`.
 `infer` mode does the same for scoring (`lmsys_trl.speed.infer_bench`): the reference (4-bit + LoRA, eager, batches
 of 4 left-padded rows) vs `scripts/eval.py`'s defaults, plus `max_abs_prob_diff` against a plain unbatched forward.
+`precision` mode scores a real model + adapters at several precisions on the same labelled rows: each one's log loss
+and its paired difference to a baseline precision (`lmsys_trl.speed.precision_study`; benchmarks/precision.jsonl).
 
 Usage (GPU, from the repo root):
     python scripts/benchmark.py train --shape gemma-2-9b --recipe recipes/gemma2_9b.yaml \
@@ -120,6 +122,21 @@ def infer(args):
     return run_variants(args, variants, measure, "infer")
 
 
+def precision(args):
+    from lmsys_trl.speed.precision_study import compare_precisions
+    from lmsys_trl.speed.train_bench import append_result
+
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    results = compare_precisions(args.base_model, args.adapters, args.data, args.max_length, args.precisions,
+                                 args.baseline, args.rows, args.temperature, token_budget=args.token_budget)
+    print(f"\n{'precision':<10}{'log loss':>10}{'accuracy':>10}  {'Δ vs ' + args.baseline:>18}{'mean|Δp|':>10}")
+    for result in results:
+        append_result(args.results, args.base_model, result, command, "precision")
+        print(f"{result['precision']:<10}{result['log_loss']:>10.4f}{result['accuracy']:>10.3f}  "
+              f"{result['delta_log_loss']:>+10.4f} ± {result['delta_log_loss_se']:.4f}{result['mean_abs_prob_diff']:>10.4f}")
+    return results
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = parser.add_subparsers(dest="mode", required=True)
@@ -154,6 +171,18 @@ def main(argv=None):
     p.add_argument("--num_layers", type=int, default=None, help="fewer layers than the real shape (CPU debugging)")
     p.add_argument("--results", default="benchmarks/results.jsonl")
     p.set_defaults(run=infer, profile_out=None)
+    p = modes.add_parser("precision", help="log loss of a real model + adapters at several precisions, same rows")
+    p.add_argument("--base_model", required=True, help="local model folder (or hub id)")
+    p.add_argument("--adapters", nargs="*", default=[], help="LoRA adapter folders")
+    p.add_argument("--data", required=True, help="labelled arena file")
+    p.add_argument("--max_length", type=int, required=True, help="inference max length")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "fp8"], help="e.g. fp32 bf16 fp8 4bit")
+    p.add_argument("--baseline", default="fp32", help="the precision the others are compared with")
+    p.add_argument("--rows", type=int, default=None, help="the first N rows of --data")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--token_budget", type=int, default=8192, help="padded tokens per batch")
+    p.add_argument("--results", default="benchmarks/precision.jsonl")
+    p.set_defaults(run=precision)
     args = parser.parse_args(argv)
     args.run(args)
 

@@ -119,6 +119,7 @@ def test_resolve_scoring_defaults_per_device():
     gpu = resolve_scoring(auto, "cuda:0")
     assert gpu["pack_rows"] and gpu["compile_layers"] and gpu["attn_implementation"] == "lmsys_flex"
     assert gpu["token_budget"] == 16384 and gpu["merge_adapters"]
+    assert gpu["precision"] == ("fp8" if torch.cuda.is_available() else "bf16")  # no CUDA here: no FP8 cores seen
     cpu = resolve_scoring(auto, "cpu")
     assert cpu["precision"] == "fp32" and not cpu["pack_rows"] and not cpu["compile_layers"]
     assert cpu["token_budget"] == 8192 and cpu["attn_implementation"] is None

@@ -1,0 +1,44 @@
+"""`scripts/benchmark.py precision`: log loss of one model at several precisions on the same labelled rows."""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from conftest import KAGGLE_TEST, PANDALM, REPO
+from lmsys_trl.metrics import log_loss, row_log_loss
+from lmsys_trl.speed.precision_study import compare_precisions
+
+
+def test_row_log_loss_averages_to_the_log_loss():
+    probs = np.array([[0.7, 0.2, 0.1], [0.0, 1.0, 0.0], [0.3, 0.3, 0.4]])
+    labels = np.array([0, 0, 2])
+    rows = row_log_loss(probs, labels)
+    assert rows[0] == pytest.approx(-np.log(0.7)) and rows[1] == pytest.approx(-np.log(1e-15), rel=1e-6)
+    assert rows.mean() == pytest.approx(log_loss(probs, labels))
+
+
+def test_precision_mode_compares_with_the_baseline(tiny_llama, tmp_path):
+    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    results = tmp_path / "precision.jsonl"
+    benchmark.main([
+        "precision", "--base_model", str(tiny_llama), "--data", str(PANDALM), "--max_length", "128", "--rows", "8",
+        "--precisions", "fp32", "bf16", "fp8", "--baseline", "fp32", "--results", str(results),
+    ])
+    lines = {line["precision"]: line for line in map(json.loads, results.read_text().splitlines())}
+    assert list(lines) == ["fp32", "bf16", "fp8"] and all(line["mode"] == "precision" for line in lines.values())
+    assert lines["fp32"]["delta_log_loss"] == 0 and lines["fp32"]["mean_abs_prob_diff"] == 0
+    for precision in ("bf16", "fp8"):
+        line = lines[precision]
+        assert line["rows"] == 8 and line["mean_abs_prob_diff"] > 0
+        assert line["delta_log_loss"] == pytest.approx(line["log_loss"] - lines["fp32"]["log_loss"], abs=1e-9)
+
+
+def test_unlabelled_rows_are_refused(tiny_llama):
+    with pytest.raises(ValueError, match="needs labelled rows"):
+        compare_precisions(str(tiny_llama), [], str(KAGGLE_TEST), 128, ["fp32"], "fp32", rows=2)
+    with pytest.raises(ValueError, match="baseline 'bf16' must be one of"):
+        compare_precisions(str(tiny_llama), [], str(PANDALM), 128, ["fp32"], "bf16", rows=2)
