@@ -487,4 +487,7 @@ def labelled_metrics(args, members, data, member_logits, member_probs, probs, be
     metrics["data"] = list(args.data)
     metrics["unlabelled_rows"] = int((~labelled).sum())
     metrics["arguments"] = asdict(args)
+    metrics["scoring"] = resolve_scoring(  # the settings the automatic values became (precision, packing, ...)
+        {key: getattr(args, key) for key in SCORING_KEYS}, resolve_device(args.device)
+    )
     return metrics

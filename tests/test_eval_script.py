@@ -66,6 +66,7 @@ def test_eval_of_a_trained_adapter_writes_every_output(tiny_llama, tiny_adapter,
     assert saved["log_loss"] == pytest.approx(hand, abs=1e-9) == pytest.approx(metrics["log_loss"])
     assert saved["rows"] == 24 and saved["temperature"] == {"value": 1.03, "source": "given"}
     assert saved["swap_tta"]["enabled"] and set(saved["per_turn_count"]) == {"1"}
+    assert saved["scoring"]["precision"] == "fp32" and saved["scoring"]["pack_rows"] is False  # CPU defaults
     changed_rows = saved["post_processing"]["rows_changed"]
     assert changed_rows["empty_a"] + changed_rows["empty_b"] > 0
     member = saved["members"][tiny_adapter.name]
