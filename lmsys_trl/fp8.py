@@ -15,6 +15,14 @@ FP8_MAX = torch.finfo(FP8).max
 ALIGNMENT = 16  # `_scaled_mm` wants the inner and output dimensions (and here the rows) in multiples of 16
 
 
+def check_fp8_device(device: torch.device) -> None:
+    """FP8 matmuls need FP8 tensor cores on a GPU (compute capability >= 8.9: H100, L4, ...); the CPU runs them too."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise ValueError(f"precision fp8 needs FP8 tensor cores (compute capability >= 8.9, e.g. H100); {name} has "
+                         f"{torch.cuda.get_device_capability(device)}: use --precision bf16")
+
+
 def rowwise_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(FP8 tensor, (rows, 1) fp32 scales) with x ~= fp8 * scale, one scale per row of the 2-D `x`."""
     scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX

@@ -149,8 +149,9 @@ def prepare_for_scoring(model, precision: str, merge_adapters: bool = True, comp
             raise ValueError(f"LoRA adapters cannot be merged into a {precision} base; score them unmerged")
         model = model.merge_and_unload()
     if precision == "fp8":
-        from .fp8 import quantize_linear_layers
+        from .fp8 import check_fp8_device, quantize_linear_layers
 
+        check_fp8_device(model_device(model))
         quantize_linear_layers(model)
     if compile_layers:
         from .model import compile_decoder_layers

@@ -136,3 +136,13 @@ def _peft_stub():
     config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1)
     return get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["q_proj"]))
+
+
+def test_fp8_on_a_gpu_without_fp8_tensor_cores_is_a_clear_error(monkeypatch):
+    from lmsys_trl.fp8 import check_fp8_device
+
+    check_fp8_device(torch.device("cpu"))  # the CPU runs FP8 matmuls (slowly): allowed
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(ValueError, match="NVIDIA A100 has \\(8, 0\\): use --precision bf16"):
+        check_fp8_device(torch.device("cuda:0"))
