@@ -30,14 +30,6 @@ def softmax(logits, temperature: float = 1.0):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def row_log_loss(probs, labels, eps: float = EPS):
-    """Per-row log loss (clipped and renormalised like `log_loss`)."""
-    p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1 - eps)
-    p = p / p.sum(axis=1, keepdims=True)
-    labels = np.asarray(labels, dtype=np.int64)
-    return -np.log(p[np.arange(len(labels)), labels])
-
-
 def reliability_bins(probs, labels, num_bins: int = 10) -> list[dict]:
     """Equal-width bins of top-label confidence: row count, mean confidence and accuracy (None when empty)."""
     probs = np.asarray(probs, dtype=np.float64)
