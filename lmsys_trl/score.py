@@ -30,6 +30,8 @@ from .model import attention_kwargs, letter_token_ids, load_tokenizer
 logger = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fp8", "8bit", "4bit")
 KBIT = ("8bit", "4bit")  # bitsandbytes bases: adapters stay unmerged
+# fp8 loads in bf16 and is quantised by `prepare_for_scoring`
+LOAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 # Scoring settings (`EvalArguments` fields) and what `resolve_scoring` makes of their "auto" (None) values.
 SCORING_KEYS = ("precision", "attn_implementation", "attn_softcapping", "token_budget", "max_batch_size", "pack_rows",
                 "merge_adapters", "compile_layers")
@@ -87,8 +89,8 @@ def load_kwargs(precision: str, device: str) -> dict:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     precision = auto_precision(precision, device)
-    if precision in ("fp32", "bf16", "fp16", "fp8"):  # fp8: loaded in bf16, quantised by `prepare_for_scoring`
-        return {"dtype": {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.bfloat16)}
+    if precision in LOAD_DTYPES:
+        return {"dtype": LOAD_DTYPES[precision]}
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError(
             f"precision {precision} needs bitsandbytes (`pip install lmsys-trl[quantization]`, CUDA only); "
@@ -118,8 +120,8 @@ def process_state():
 def resolve_scoring(settings: dict, device: str) -> dict:
     """`SCORING_KEYS` settings with their automatic values settled for `device`: on a GPU rows are packed into
     sequences of `PACKED_TOKEN_BUDGET` tokens scored with the compiled flex kernel and compiled decoder layers at
-    `auto_precision`'s (fp8 on an H100); on the CPU, fp32 padded batches of `PADDED_TOKEN_BUDGET` tokens. Explicit values are kept, except
-    that adapters are never merged into a k-bit base."""
+    `auto_precision`'s precision (fp8 on an H100); on the CPU, fp32 padded batches of `PADDED_TOKEN_BUDGET` tokens.
+    Explicit values are kept, except that adapters are never merged into a k-bit base."""
     resolved = {key: settings.get(key) for key in SCORING_KEYS}
     cuda = device.startswith("cuda")
     resolved["precision"] = auto_precision(resolved["precision"] or "auto", device)
@@ -191,6 +193,7 @@ def load_model(
     for adapter in adapters:
         check_adapter_base(adapter, base_model, allow_base_mismatch)
     kwargs = load_kwargs(precision, device)
+    precision = auto_precision(precision, device)
     model = AutoModelForCausalLM.from_pretrained(
         base_model,
         **scoring_attention_kwargs(base_model, attn_implementation, attn_softcapping),
@@ -207,7 +210,7 @@ def load_model(
             model.load_adapter(adapter, adapter_name=name)
     if len(adapters) > 1:
         model.base_model.set_adapter(names)
-    return prepare_for_scoring(model, auto_precision(precision, device), merge_adapters, compile_layers)
+    return prepare_for_scoring(model, precision, merge_adapters, compile_layers)
 
 
 def scoring_attention_kwargs(base_model: str, attn_implementation: str | None, softcapping: bool = True) -> dict:

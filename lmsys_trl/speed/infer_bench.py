@@ -21,7 +21,7 @@ from ..metrics import softmax
 from ..score import (
     KBIT,
     SCORING_KEYS,
-    load_kwargs,
+    LOAD_DTYPES,
     plain_forward,
     prepare_for_scoring,
     reference_letter_logits,
@@ -44,7 +44,8 @@ def scoring_settings(overrides: dict, device: str) -> dict:
     resolves them (k-bit falls back to fp32 off CUDA); unknown keys are an error."""
     unknown = set(overrides) - set(SCORING_KEYS) - set(BENCH_KEYS)
     if unknown:
-        raise ValueError(f"unknown scoring keys {sorted(unknown)}; variants may set {', '.join(SCORING_KEYS + BENCH_KEYS)}")
+        allowed = ", ".join(SCORING_KEYS + BENCH_KEYS)
+        raise ValueError(f"unknown scoring keys {sorted(unknown)}; variants may set {allowed}")
     defaults = {f.name: f.default for f in fields(EvalArguments) if f.name in SCORING_KEYS}
     settings = resolve_scoring({**defaults, **overrides}, device)
     if settings["precision"] in KBIT and not device.startswith("cuda"):
@@ -72,7 +73,7 @@ def build_scoring_model(shape: str, tokenizer, settings: dict, device: str, num_
     attn_implementation = attention.pop("attn_implementation")
     for key, value in attention.items():  # config overrides (softcapping off)
         setattr(config, key, value)
-    dtype = load_kwargs(precision, device)["dtype"] if precision != "4bit" else torch.bfloat16
+    dtype = LOAD_DTYPES.get(precision, torch.bfloat16)  # 4bit: a bf16 model quantised in place below
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
@@ -144,7 +145,7 @@ def run_variant(name: str, overrides: dict, shape: str, tokenizer, rows: list[li
         "settings": settings,
         "overrides": overrides,
     }
-    del model
+    model = None  # (the score() closure holds it too) free the GPU memory before the next variant
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()

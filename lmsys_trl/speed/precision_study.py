@@ -13,7 +13,7 @@ import torch
 from ..data import load_arena
 from ..metrics import accuracy, log_loss, row_log_loss, softmax
 from ..model import letter_token_ids
-from ..score import encode_rows, load_model, load_scoring_tokenizer, score_token_rows
+from ..score import KBIT, encode_rows, load_model, load_scoring_tokenizer, score_token_rows
 
 
 def compare_precisions(base_model: str, adapters: list[str], data: str, max_length: int, precisions: list[str],
@@ -31,7 +31,7 @@ def compare_precisions(base_model: str, adapters: list[str], data: str, max_leng
     token_rows = encode_rows(dataset, tokenizer, max_length)
     probs = {}
     for precision in precisions:
-        model = load_model(base_model, adapters, precision, device, merge_adapters=precision not in ("4bit", "8bit"))
+        model = load_model(base_model, adapters, precision, device, merge_adapters=precision not in KBIT)
         logits = score_token_rows(model, token_rows, letter_token_ids(tokenizer), tokenizer.pad_token_id,
                                   token_budget, desc=f"Scoring ({precision})")
         probs[precision] = softmax(logits, temperature)
