@@ -97,9 +97,9 @@ class EvalArguments:
     )
     precision: str = field(
         default="auto",
-        metadata={"help": f"Base weights: {', '.join(PRECISIONS)} (auto: fp8 on GPUs with FP8 tensor cores such as the "
-                          "H100, else bf16; fp32 on CPU. fp8: bf16 load, adapters merged, linear layers FP8 with "
-                          "per-row scales. k-bit: bitsandbytes, CUDA)."},
+        metadata={"help": f"Base weights: {', '.join(PRECISIONS)} (auto: fp8 on GPUs with FP8 tensor cores such "
+                          "as the H100, else bf16; fp32 on CPU. fp8: bf16 load, adapters merged, linear layers FP8 "
+                          "with per-row scales. k-bit: bitsandbytes, CUDA)."},
     )
     attn_implementation: str | None = field(
         default=None,
@@ -119,8 +119,9 @@ class EvalArguments:
     )
     token_budget: int | None = field(
         default=None,
-        metadata={"help": f"Tokens per forward: with pack_rows the fixed length of each packed sequence (>= max_length; "
-                          f"default {PACKED_TOKEN_BUDGET}), else padded tokens per batch (default {PADDED_TOKEN_BUDGET})."},
+        metadata={"help": f"Tokens per forward: with pack_rows the fixed length of each packed sequence "
+                          f"(>= max_length; default {PACKED_TOKEN_BUDGET}), else padded tokens per batch "
+                          f"(default {PADDED_TOKEN_BUDGET})."},
     )
     max_batch_size: int | None = field(
         default=None,
@@ -176,6 +177,11 @@ class EvalArguments:
         if self.resume and self.rescore:
             raise ValueError("--resume reuses the cached member logits and --rescore discards them; give one")
         self.members()  # validates the per-member list lengths
+
+    def scoring(self) -> tuple[str, dict]:
+        """(device, scoring settings): this process's device and `score.resolve_scoring` of the `SCORING_KEYS`."""
+        device = resolve_device(self.device)
+        return device, resolve_scoring({key: getattr(self, key) for key in SCORING_KEYS}, device)
 
     def members(self) -> list[dict]:
         """One dict per ensemble member: name, base_model, adapters, max_length, weight."""
@@ -248,8 +254,7 @@ class MemberScorer:
     def __init__(self, member: dict, args: EvalArguments):
         self.member, self.args = member, args
         self.model = self.tokenizer = None
-        self.device = resolve_device(args.device)
-        self.settings = resolve_scoring({key: getattr(args, key) for key in SCORING_KEYS}, self.device)
+        self.device, self.settings = args.scoring()
 
     def logits(self, dataset, tag: str, swapped: bool) -> np.ndarray:
         from .score import score_dataset
@@ -487,7 +492,5 @@ def labelled_metrics(args, members, data, member_logits, member_probs, probs, be
     metrics["data"] = list(args.data)
     metrics["unlabelled_rows"] = int((~labelled).sum())
     metrics["arguments"] = asdict(args)
-    metrics["scoring"] = resolve_scoring(  # the settings the automatic values became (precision, packing, ...)
-        {key: getattr(args, key) for key in SCORING_KEYS}, resolve_device(args.device)
-    )
+    metrics["scoring"] = args.scoring()[1]  # what the automatic values became (precision, packing, ...)
     return metrics

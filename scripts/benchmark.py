@@ -133,7 +133,8 @@ def precision(args):
     for result in results:
         append_result(args.results, args.base_model, result, command, "precision")
         print(f"{result['precision']:<10}{result['log_loss']:>10.4f}{result['accuracy']:>10.3f}  "
-              f"{result['delta_log_loss']:>+10.4f} ± {result['delta_log_loss_se']:.4f}{result['mean_abs_prob_diff']:>10.4f}")
+              f"{result['delta_log_loss']:>+10.4f} ± {result['delta_log_loss_se']:.4f}"
+              f"{result['mean_abs_prob_diff']:>10.4f}")
     return results
 
 
