@@ -1,6 +1,5 @@
 """`scripts/eval.py`: score members (cached), temperature / weights, post-processing, metrics, submission, report."""
 
-import gc
 import json
 import logging
 import os
@@ -306,12 +305,10 @@ class MemberScorer:
 
     def release(self):
         if self.model is not None:
-            import torch
+            from .model import release_memory
 
             self.model = self.tokenizer = None
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_memory()
 
 
 def gather_shards(total: int, shard: list[int], logits: np.ndarray) -> np.ndarray:

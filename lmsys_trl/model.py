@@ -48,6 +48,15 @@ def default_attn_implementation(name_or_path: str, requested: str | None, revisi
     return "eager" if config.model_type in SOFTCAP_MODEL_TYPES else None
 
 
+def release_memory() -> None:
+    """Return the memory of models just dropped: collect them, then empty the CUDA allocator's cache."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def decoder_layers(model) -> list:
     """The decoder layers of a transformers model (under PEFT / DDP wrappers too), in order."""
     from transformers.modeling_layers import GradientCheckpointingLayer

@@ -45,7 +45,6 @@ def build_model(shape: str, tokenizer, dtype, device):
 
 
 def main(argv=None) -> list[dict]:
-    import gc
     import json
     import os
 
@@ -53,6 +52,7 @@ def main(argv=None) -> list[dict]:
     from transformers import HfArgumentParser
 
     from lmsys_trl.data import load_arena
+    from lmsys_trl.model import release_memory
     from lmsys_trl.score import load_scoring_tokenizer, parity_check
     from lmsys_trl.shapes import family_of
 
@@ -79,9 +79,7 @@ def main(argv=None) -> list[dict]:
             with open(args.out, "a") as f:
                 f.write(json.dumps(result) + "\n")
         del model
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        release_memory()
     return results
 
 

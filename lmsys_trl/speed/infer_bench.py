@@ -8,7 +8,6 @@ Untimed warm-up passes come first (compilation); `max_abs_prob_diff` compares th
 plain unbatched full forward of the same model (`score.reference_letter_logits`).
 """
 
-import gc
 import tempfile
 import time
 from dataclasses import fields
@@ -95,7 +94,7 @@ def run_variant(name: str, overrides: dict, shape: str, tokenizer, rows: list[li
                 swapped_rows: list[list[int]] | None = None) -> dict:
     """Score `rows` (and `swapped_rows` too with the variant key `swap_tta`) `warmup_passes` (untimed) + `passes`
     (timed) times under one variant; its measured numbers. `rows_per_s` counts arena rows (a row and its swap: one)."""
-    from ..model import letter_token_ids
+    from ..model import letter_token_ids, release_memory
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = scoring_settings(overrides, device)
@@ -146,7 +145,5 @@ def run_variant(name: str, overrides: dict, shape: str, tokenizer, rows: list[li
         "overrides": overrides,
     }
     model = None  # (the score() closure holds it too) free the GPU memory before the next variant
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    release_memory()
     return result

@@ -5,14 +5,11 @@ the rows with `score.score_token_rows`; the log loss (Kaggle clipping), accuracy
 log loss against a baseline precision (mean and standard error) come out as one dict per precision.
 """
 
-import gc
-
 import numpy as np
-import torch
 
 from ..data import load_arena
 from ..metrics import accuracy, log_loss, row_log_loss, softmax
-from ..model import letter_token_ids
+from ..model import letter_token_ids, release_memory
 from ..score import KBIT, encode_rows, load_model, load_scoring_tokenizer, score_token_rows
 
 
@@ -36,9 +33,7 @@ def compare_precisions(base_model: str, adapters: list[str], data: str, max_leng
                                   token_budget, desc=f"Scoring ({precision})")
         probs[precision] = softmax(logits, temperature)
         del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory()
     base_losses = row_log_loss(probs[baseline], labels)
     results = []
     for precision, p in probs.items():

@@ -5,7 +5,6 @@ random-weight model of a real shape, over the real length mix (the recipe's prom
 rows in a fixed shuffled order so every variant trains on the same rows per step. Steps after the warm-up are timed.
 """
 
-import gc
 import json
 import os
 import statistics
@@ -18,6 +17,7 @@ import yaml
 from transformers import TrainerCallback
 
 from ..fast import FastSFTTrainer
+from ..model import release_memory
 
 
 # The 38th-place recipe as measured in issue 5: batch 1 x 16 accumulation, no checkpointing, no packing, the model's
@@ -209,9 +209,7 @@ def run_variant(name, overrides, recipe, shape, tokenizer, records, warmup: int,
             sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
             result["profile"] = clock.profiler.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60)
         del trainer, model
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        release_memory()
     return result
 
 
