@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Multi-GPU launches of scripts/sft.py (issue 7): QLoRA on gemma-2-9b shapes (random weights, few layers) through
 # each accelerate config at world size 1 and N, on the training benchmark's length mix (lmsys_arena_sample100 rows,
-# gemma-2 tokenizer, max_length 2200). Every run takes the same rows (80) in the same optimiser steps (5 x 16 rows):
-# gradient accumulation is divided by the world size (keep_rows_per_step). Appends one JSON line per run to
-# benchmarks/results.jsonl and checks that each saved adapter loads in scripts/eval.py. Flex attention and compiled
+# gemma-2 tokenizer, max_length 2200). Every run takes the same 80 rows in the same optimiser steps (MAX_STEPS, default
+# 20, of 16 rows: 4 epochs): gradient accumulation is divided by the world size (keep_rows_per_step). Appends one JSON
+# line per run to benchmarks/results.jsonl and checks that each saved adapter loads in scripts/eval.py. Flex attention and compiled
 # layers are off by default here (SFT_ARGS, EVAL_ARGS): their compilation (~30 s a shape) would dominate short runs.
 #   bash benchmarks/multi_gpu.sh <tokenizers dir> <data dir> <out dir> [world sizes...]     (default: 1 2)
 set -uo pipefail
@@ -23,7 +23,7 @@ for n in "${sizes[@]}"; do
     # a single process must see one GPU (else the Trainer wraps the model in nn.DataParallel)
     CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) timeout "${RUN_TIMEOUT:-300}" accelerate launch --config_file accelerate_configs/$cfg.yaml --num_processes "$n" scripts/sft.py \
         recipes/gemma2_9b.yaml --model_name_or_path "$model" --train_files "$data/lmsys_arena_sample100.csv" \
-        --max_train_rows 80 --swap_augment 0 --max_val_rows 8 --max_steps 5 --logging_steps 1 \
+        --max_train_rows 80 --swap_augment 0 --max_val_rows 8 --max_steps "${MAX_STEPS:-20}" --logging_steps 1 \
         --save_strategy no --overwrite_output_dir true --output_dir "$run" ${SFT_ARGS:---flex_attention false --compile_layers false} > "$run.log" 2>&1
     rc=$?
     loads=no
@@ -41,9 +41,9 @@ line = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_devi
         "mode": "train", "variant": f"{cfg}-world{n}", "world_size": int(n), "rc": int(rc),
         "tokens_per_s": m.get("train_tokens_per_second"),
         "tokens_per_s_per_gpu": round(m["train_tokens_per_second"] / int(n), 1) if m.get("train_tokens_per_second") else None,
-        "rows_per_s": round(80 / m["train_runtime"], 2) if m.get("train_runtime") else None,
+        "rows_per_s": round(16 * int(os.environ.get("MAX_STEPS", 20)) / m["train_runtime"], 2) if m.get("train_runtime") else None,
         "peak_gib": m.get("peak_gpu_memory_gib"), "adapter_bytes": size, "adapter_loads_in_eval": None if loads == "skipped" else loads == "yes",
-        "wall_s": int(time.time()) - int(start),
+        "wall_s": int(time.time()) - int(start), "max_steps": int(os.environ.get("MAX_STEPS", 20)),
         "command": f"accelerate launch --config_file accelerate_configs/{cfg}.yaml --num_processes {n} scripts/sft.py recipes/gemma2_9b.yaml (benchmarks/multi_gpu.sh)"}
 print(json.dumps(line), flush=True)
 with open(os.environ.get("RESULTS", "benchmarks/results.jsonl"), "a") as f:
