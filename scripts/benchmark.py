@@ -4,7 +4,9 @@
 own default (its fast-path keys) in one process, on the same rows, prints tokens/s, rows/s, peak GiB and the ratio,
 and appends one JSON line per variant to benchmarks/results.jsonl. Further variants: `--variant NAME key=value ...`.
 `infer` mode does the same for scoring (`lmsys_trl.speed.infer_bench`): the reference (4-bit + LoRA, eager, batches
-of 4 left-padded rows) vs `scripts/eval.py`'s defaults, plus `max_abs_prob_diff` against a plain unbatched forward.
+of 4 left-padded rows) vs `scripts/eval.py`'s defaults, plus `max_abs_prob_diff` against a plain unbatched forward;
+on random weights of a real shape (`--shape`), or on real trained weights (`--base_model` [+ `--adapters`]: kernel
+parity where rounding is not amplified by random weights).
 `precision` mode scores a real model + adapters at several precisions on the same labelled rows: each one's log loss
 and its paired difference to a baseline precision (`lmsys_trl.speed.precision_study`; benchmarks/precision.jsonl).
 
@@ -16,6 +18,8 @@ Usage (GPU, from the repo root):
     python scripts/benchmark.py infer --shape gemma-2-9b --max_length 1900 \
         --tokenizer ../shared/tokenizers/gemma-2 --data ../shared/data/lmsys_arena_sample100.csv \
         --variant fp8 precision=fp8 --variant default-tta swap_tta=true
+    python scripts/benchmark.py infer --base_model models/smollm2-135m-instruct --adapters out/demo \
+        --data ../shared/data/pandalm_test.csv --max_length 512 --variant bf16 precision=bf16 pack_rows=true ...
 Variant keys: `EvalArguments` scoring keys (precision, pack_rows, token_budget, attn_implementation, merge_adapters,
 compile_layers, ...) and `swap_tta=true` (every pass also scores the A/B-swapped rows; rows/s counts arena rows).
 """
@@ -38,8 +42,9 @@ def parse_variants(specs: list[list[str]]) -> dict:
     return variants
 
 
-def run_variants(args, variants: dict, measure, mode: str) -> dict:
-    """Measure each variant (`measure(name, overrides)` -> result), append its JSON line, print the comparison."""
+def run_variants(args, variants: dict, measure, mode: str, model: str | None = None) -> dict:
+    """Measure each variant (`measure(name, overrides)` -> result), append its JSON line (its "model": `model`, by
+    default `args.shape`), print the comparison."""
     from lmsys_trl.speed.train_bench import append_result
 
     if args.only:  # in the order given
@@ -60,7 +65,7 @@ def run_variants(args, variants: dict, measure, mode: str) -> dict:
             if args.profile_out:
                 with open(args.profile_out, "w") as f:
                     f.write(result["profile"])
-        line = append_result(args.results, args.shape, result, command, mode)
+        line = append_result(args.results, model or args.shape, result, command, mode)
         measured[name] = line
         print(json.dumps(line), flush=True)
     if "reference" in measured:
@@ -99,11 +104,20 @@ def train(args):
 
 
 def infer(args):
+    from functools import partial
+
     from lmsys_trl.data import load_arena
     from lmsys_trl.score import encode_rows, load_scoring_tokenizer
-    from lmsys_trl.speed.infer_bench import REFERENCE, run_variant
+    from lmsys_trl.speed.infer_bench import REFERENCE, build_scoring_model, load_trained_model, run_variant
 
-    tokenizer = load_scoring_tokenizer(args.tokenizer)
+    if args.base_model:  # real weights: the model's own tokenizer
+        tokenizer = load_scoring_tokenizer(args.base_model)
+        build_model = partial(load_trained_model, args.base_model, args.adapters)
+        model_name = " + ".join([args.base_model, *args.adapters])
+    else:
+        tokenizer = load_scoring_tokenizer(args.tokenizer)
+        build_model = partial(build_scoring_model, args.shape, tokenizer, num_layers=args.num_layers)
+        model_name = args.shape
     data = load_arena([args.data])
     data = data.select(range(min(args.rows or len(data), len(data))))
     rows = encode_rows(data, tokenizer, args.max_length)
@@ -115,11 +129,11 @@ def infer(args):
 
     def measure(name, overrides):
         return run_variant(
-            name, overrides, args.shape, tokenizer, rows, args.passes, args.warmup_passes, args.parity_rows,
-            args.num_layers, swapped_rows,
+            name, overrides, build_model, tokenizer, rows, args.passes, args.warmup_passes, args.parity_rows,
+            swapped_rows,
         )
 
-    return run_variants(args, variants, measure, "infer")
+    return run_variants(args, variants, measure, "infer", model_name)
 
 
 def precision(args):
@@ -136,6 +150,16 @@ def precision(args):
               f"{result['delta_log_loss']:>+10.4f} ± {result['delta_log_loss_se']:.4f}"
               f"{result['mean_abs_prob_diff']:>10.4f}")
     return results
+
+
+def check_infer_model_args(parser, args):
+    """`infer`: --tokenizer and --num_layers go with --shape, --adapters with --base_model."""
+    if args.shape and not args.tokenizer:
+        parser.error("--shape needs --tokenizer (the tokenizer folder of the shape's family)")
+    if args.shape and args.adapters:
+        parser.error("--adapters go with --base_model (--shape uses a random LoRA adapter)")
+    if args.base_model and (args.tokenizer or args.num_layers):
+        parser.error("--tokenizer and --num_layers go with --shape (--base_model brings its own tokenizer and layers)")
 
 
 def main(argv=None):
@@ -158,8 +182,11 @@ def main(argv=None):
     p.add_argument("--results", default="benchmarks/results.jsonl")
     p.set_defaults(run=train)
     p = modes.add_parser("infer", help="scoring tokens/s: reference vs scripts/eval.py's defaults (and --variant ...)")
-    p.add_argument("--shape", required=True, help="gemma-2-9b, gemma-2-2b, llama-3.1-8b, *-tiny (lmsys_trl.shapes)")
-    p.add_argument("--tokenizer", required=True, help="tokenizer folder of the shape's family")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--shape", help="random weights: gemma-2-9b, llama-3.1-8b, ..., *-tiny (lmsys_trl.shapes)")
+    model.add_argument("--base_model", help="real weights: local model folder, loaded as scripts/eval.py loads it")
+    p.add_argument("--adapters", nargs="+", default=[], help="LoRA adapter folders of --base_model")
+    p.add_argument("--tokenizer", help="tokenizer folder of the --shape's family (--base_model: its own tokenizer)")
     p.add_argument("--data", required=True, help="arena file whose rows give the length mix")
     p.add_argument("--max_length", type=int, default=1900, help="inference max length (llama-3.1: 2400)")
     p.add_argument("--rows", type=int, default=None, help="score only the first N rows of --data")
@@ -172,6 +199,7 @@ def main(argv=None):
     p.add_argument("--num_layers", type=int, default=None, help="fewer layers than the real shape (CPU debugging)")
     p.add_argument("--results", default="benchmarks/results.jsonl")
     p.set_defaults(run=infer, profile_out=None)
+    infer_parser = p
     p = modes.add_parser("precision", help="log loss of a real model + adapters at several precisions, same rows")
     p.add_argument("--base_model", required=True, help="local model folder (or hub id)")
     p.add_argument("--adapters", nargs="*", default=[], help="LoRA adapter folders")
@@ -185,6 +213,8 @@ def main(argv=None):
     p.add_argument("--results", default="benchmarks/precision.jsonl")
     p.set_defaults(run=precision)
     args = parser.parse_args(argv)
+    if args.mode == "infer":
+        check_infer_model_args(infer_parser, args)
     args.run(args)
 
 

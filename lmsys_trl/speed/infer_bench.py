@@ -1,9 +1,10 @@
-"""Scoring throughput of named variants (the reference recipe vs `scripts/eval.py`'s defaults), same rows, same weights.
+"""Scoring throughput of named variants (the reference recipe vs `scripts/eval.py`'s defaults), same rows and weights.
 
 A variant is a set of `EvalArguments` scoring keys (`SCORING_KEYS`) over their defaults; each one scores the real
 length mix (the inference prompts of an arena file) with `score.score_token_rows`, the function `scripts/eval.py`
-runs, on a random-weight model of a real shape (seed 0, so every variant has the same base weights) with a random
-LoRA-shaped adapter (r 32 / alpha 64 on q, k, v, o; seed 1) left unmerged, as `score.load_model` leaves it.
+runs, on a model built for the variant's settings: a random-weight model of a real shape (`build_scoring_model`:
+seed 0, so every variant has the same base weights, with a random LoRA-shaped adapter, r 32 / alpha 64 on q, k, v, o,
+seed 1) or a real trained model + adapters (`load_trained_model`, through `score.load_model` as `scripts/eval.py`).
 Untimed warm-up passes come first (compilation); `max_abs_prob_diff` compares the variant's A/B/C probabilities with a
 plain unbatched full forward of the same model (`score.reference_letter_logits`).
 """
@@ -21,6 +22,7 @@ from ..score import (
     KBIT,
     SCORING_KEYS,
     LOAD_DTYPES,
+    load_model,
     plain_forward,
     prepare_for_scoring,
     reference_letter_logits,
@@ -83,17 +85,27 @@ def build_scoring_model(shape: str, tokenizer, settings: dict, device: str, num_
     return prepare_for_scoring(model, precision, settings["merge_adapters"], settings["compile_layers"])
 
 
+def load_trained_model(base_model: str, adapters: list[str], settings: dict, device: str):
+    """A real base model + LoRA adapters loaded by `score.load_model` (as `scripts/eval.py` loads it) at the variant's
+    resolved settings."""
+    return load_model(
+        base_model, adapters, settings["precision"], device, settings["attn_implementation"],
+        attn_softcapping=settings["attn_softcapping"], merge_adapters=settings["merge_adapters"],
+        compile_layers=settings["compile_layers"],
+    )
+
+
 def _synchronized_clock(device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter()
 
 
-def run_variant(name: str, overrides: dict, shape: str, tokenizer, rows: list[list[int]], passes: int = 1,
-                warmup_passes: int = 1, parity_rows: int = 32, num_layers: int | None = None,
-                swapped_rows: list[list[int]] | None = None) -> dict:
+def run_variant(name: str, overrides: dict, build_model, tokenizer, rows: list[list[int]], passes: int = 1,
+                warmup_passes: int = 1, parity_rows: int = 32, swapped_rows: list[list[int]] | None = None) -> dict:
     """Score `rows` (and `swapped_rows` too with the variant key `swap_tta`) `warmup_passes` (untimed) + `passes`
-    (timed) times under one variant; its measured numbers. `rows_per_s` counts arena rows (a row and its swap: one)."""
+    (timed) times under one variant, on `build_model(settings, device)` (e.g. a partial of `build_scoring_model` or
+    `load_trained_model`); its measured numbers. `rows_per_s` counts arena rows (a row and its swap: one)."""
     from ..model import letter_token_ids, release_memory
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -101,7 +113,7 @@ def run_variant(name: str, overrides: dict, shape: str, tokenizer, rows: list[li
     tta = bool(overrides.get("swap_tta"))
     if tta and swapped_rows is None:
         raise ValueError(f"variant {name}: swap_tta needs the swapped rows")
-    model = build_scoring_model(shape, tokenizer, settings, device, num_layers)
+    model = build_model(settings, device)
     letter_ids = letter_token_ids(tokenizer)
 
     def score():
