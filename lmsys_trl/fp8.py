@@ -1,8 +1,8 @@
 """FP8 (e4m3) linear layers for scoring: weights quantised once per output row, activations per token at run time.
 
-`torch._scaled_mm` multiplies the FP8 operands with their row-wise scales and accumulates in fp32 (FP8 tensor cores on
-H100; a reference kernel on the CPU, where it only runs tests). The scale of a row is its absolute maximum over the
-largest e4m3 value, so nothing saturates. Used by `scripts/eval.py --precision fp8` after the LoRA adapters are merged
+`torch._scaled_mm` multiplies the FP8 operands with their row-wise scales on FP8 tensor cores (H100; a reference kernel
+on the CPU, where it only runs tests), with fast accumulation as torchao's float8 inference uses it. The scale of a row
+is its absolute maximum over the largest e4m3 value, so nothing saturates. Used by `scripts/eval.py --precision fp8` after the LoRA adapters are merged
 into the bf16 base; the LM head and embeddings stay in bf16.
 """
 
@@ -51,7 +51,8 @@ class Float8Linear(nn.Module):
             rows = torch.nn.functional.pad(rows, (0, 0, 0, padding))
         quantized, scale = rowwise_fp8(rows)
         out = torch._scaled_mm(
-            quantized, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=x.dtype
+            quantized, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=x.dtype,
+            use_fast_accum=True,
         )
         if padding:
             out = out[: out.shape[0] - padding]
