@@ -268,6 +268,18 @@ class FastSFTTrainer(DistillTrainerMixin, SFTTrainer):
                 total = total + super().training_step(model, part, num_items_in_batch)
         return total
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None):
+        """The Trainer's save; under FSDP the adapter weights are then rewritten from the gathered state dict
+        (`train.save_sharded_adapter`: PEFT's own selection finds none of them there)."""
+        from peft import PeftModel
+
+        from .train import save_sharded_adapter
+
+        super()._save(output_dir, state_dict)
+        model = self.accelerator.unwrap_model(self.model)
+        if self.is_fsdp_enabled and state_dict and self.args.should_save and isinstance(model, PeftModel):
+            save_sharded_adapter(model, state_dict, output_dir or self.args.output_dir)
+
     def _most_micro_batches(self, count: int) -> int:
         """The largest micro-batch count of this step over all processes."""
         if self.accelerator.num_processes == 1:

@@ -205,6 +205,33 @@ def check_adapter(output_dir: str, model) -> None:
         )
 
 
+def save_sharded_adapter(peft_model, state_dict: dict, output_dir: str) -> None:
+    """Write `adapter_model.safetensors` from the full state dict that FSDP gathered on this process.
+
+    PEFT 0.21 picks a model's adapter entries by its module names, which under FSDP's nested wrapping read
+    `layers.0._fsdp_wrapped_module.self_attn...` and match none of the (clean) gathered keys: `save_pretrained` then
+    writes an empty file. The LoRA entries are picked by key here and named as PEFT names them (adapter name dropped).
+    """
+    from safetensors.torch import save_file
+
+    from .ensemble import atomic_output
+
+    adapter = re.escape(peft_model.active_adapter)
+    lora_key = re.compile(rf"(.*\.lora_[AB])\.{adapter}(\.weight)$")
+    weights = {
+        match.group(1) + match.group(2): tensor.detach().contiguous()
+        for key, tensor in state_dict.items()
+        if (match := lora_key.fullmatch(key))
+    }
+    if not weights:
+        raise RuntimeError(
+            f"the gathered FSDP state dict holds no LoRA weights of adapter {peft_model.active_adapter!r}"
+        )
+    path = os.path.join(output_dir, "adapter_model.safetensors")
+    with atomic_output(path) as tmp:
+        save_file(weights, tmp, metadata={"format": "pt"})
+
+
 def last_complete_checkpoint(output_dir: str) -> str | None:
     """The newest `checkpoint-N` saved completely (the Trainer writes trainer_state.json last); one cut short by a
     kill while saving is skipped with a warning."""

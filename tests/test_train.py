@@ -164,3 +164,46 @@ def test_an_empty_adapter_file_is_refused(trained, tmp_path):
     save_file({}, str(tmp_path / "adapter_model.safetensors"))  # what ZeRO-3 without gathering produced
     with pytest.raises(RuntimeError, match="expected 16 non-empty LoRA weights"):
         check_adapter(str(tmp_path), trainer.model)
+
+
+def test_adapter_saved_from_an_fsdp_gathered_state_dict_equals_the_plain_save(tiny_llama, tmp_path):
+    """Under FSDP (auto-wrapped as the Trainer wraps a PEFT model; CPU, gloo, one process) the gathered full state dict
+    gives the same adapter file as PEFT's save of the unwrapped model: same keys, same tensors."""
+    import socket
+
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from transformers import AutoModelForCausalLM
+
+    from lmsys_trl.train import check_adapter, save_sharded_adapter
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "plain")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        wrapped = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=False,
+                       device_id=torch.device("cpu"))
+        assert any("._fsdp_wrapped_module." in name for name, _ in model.named_modules())  # nested wrappers
+        config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)  # as accelerate gathers for the Trainer
+        with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, config):
+            state_dict = wrapped.state_dict()
+        (tmp_path / "fsdp").mkdir()
+        save_sharded_adapter(model, state_dict, str(tmp_path / "fsdp"))
+    finally:
+        dist.destroy_process_group()
+    plain = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    sharded = load_file(tmp_path / "fsdp" / "adapter_model.safetensors")
+    assert sorted(sharded) == sorted(plain) and len(plain) == 8
+    for key, tensor in plain.items():
+        torch.testing.assert_close(sharded[key], tensor, rtol=0, atol=0)
+    check_adapter(str(tmp_path / "fsdp"), model)
+    with pytest.raises(RuntimeError, match="no LoRA weights of adapter 'default'"):
+        save_sharded_adapter(model, {"lm_head.weight": torch.zeros(2)}, str(tmp_path / "fsdp"))
