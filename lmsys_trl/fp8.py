@@ -2,8 +2,8 @@
 
 `torch._scaled_mm` multiplies the FP8 operands with their row-wise scales on FP8 tensor cores (H100; a reference kernel
 on the CPU, where it only runs tests), with fast accumulation as torchao's float8 inference uses it. The scale of a row
-is its absolute maximum over the largest e4m3 value, so nothing saturates. Used by `scripts/eval.py --precision fp8` after the LoRA adapters are merged
-into the bf16 base; the LM head and embeddings stay in bf16.
+is its absolute maximum over the largest e4m3 value, so nothing saturates. Used by `scripts/eval.py --precision fp8`
+after the LoRA adapters are merged into the bf16 base; the LM head and embeddings stay in bf16.
 """
 
 import torch
