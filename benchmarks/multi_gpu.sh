@@ -21,14 +21,16 @@ for n in "${sizes[@]}"; do
     run=$out/$cfg-w$n
     start=$(date +%s)
     # a single process must see one GPU (else the Trainer wraps the model in nn.DataParallel)
-    CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) timeout "${RUN_TIMEOUT:-300}" accelerate launch --config_file accelerate_configs/$cfg.yaml --num_processes "$n" scripts/sft.py \
+    # GPUS / PORT let two world-size-1 runs share a host (e.g. GPUS=1 PORT=29600)
+    CUDA_VISIBLE_DEVICES=${GPUS:-$(seq -s, 0 $((n - 1)))} timeout "${RUN_TIMEOUT:-300}" accelerate launch \
+        --config_file accelerate_configs/$cfg.yaml --num_processes "$n" --main_process_port "${PORT:-29500}" scripts/sft.py \
         recipes/gemma2_9b.yaml --model_name_or_path "$model" --train_files "$data/lmsys_arena_sample100.csv" \
         --max_train_rows 80 --swap_augment 0 --max_val_rows 8 --max_steps "${MAX_STEPS:-20}" --logging_steps 1 \
         --save_strategy no --overwrite_output_dir true --output_dir "$run" ${SFT_ARGS:---flex_attention false --compile_layers false} > "$run.log" 2>&1
     rc=$?
     loads=no
     if [ -n "${SKIP_EVAL:-}" ]; then loads=skipped
-    elif [ $rc = 0 ] && python3 scripts/eval.py --base_model "$model" --adapters "$run" --max_length 1900 \
+    elif [ $rc = 0 ] && CUDA_VISIBLE_DEVICES=${GPUS:-0} python3 scripts/eval.py --base_model "$model" --adapters "$run" --max_length 1900 \
         --data "$data/lmsys_arena_sample100.csv" --max_rows 8 --out "$run-eval" --no_report ${EVAL_ARGS:---precision 4bit --pack_rows false} \
         > "$run-eval.log" 2>&1; then loads=yes; fi
     python3 - "$run" "$cfg" "$n" "$rc" "$loads" "$start" <<'PY'
