@@ -270,7 +270,7 @@ class FastSFTTrainer(DistillTrainerMixin, SFTTrainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None):
         """The Trainer's save; under FSDP the adapter weights are then rewritten from the gathered state dict
-        (`train.save_sharded_adapter`: PEFT's own selection finds none of them there)."""
+        (`train.save_sharded_adapter`: PEFT's own selection finds none of them there) in the 16-bit training dtype."""
         from peft import PeftModel
 
         from .train import save_sharded_adapter
@@ -278,7 +278,8 @@ class FastSFTTrainer(DistillTrainerMixin, SFTTrainer):
         super()._save(output_dir, state_dict)
         model = self.accelerator.unwrap_model(self.model)
         if self.is_fsdp_enabled and state_dict and self.args.should_save and isinstance(model, PeftModel):
-            save_sharded_adapter(model, state_dict, output_dir or self.args.output_dir)
+            dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+            save_sharded_adapter(model, state_dict, output_dir or self.args.output_dir, dtype)
 
     def _most_micro_batches(self, count: int) -> int:
         """The largest micro-batch count of this step over all processes."""

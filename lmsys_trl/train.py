@@ -205,8 +205,9 @@ def check_adapter(output_dir: str, model) -> None:
         )
 
 
-def save_sharded_adapter(peft_model, state_dict: dict, output_dir: str) -> None:
-    """Write `adapter_model.safetensors` from the full state dict that FSDP gathered on this process.
+def save_sharded_adapter(peft_model, state_dict: dict, output_dir: str, dtype: torch.dtype | None = None) -> None:
+    """Write `adapter_model.safetensors` from the full state dict that FSDP gathered on this process, in `dtype` (FSDP
+    trains the adapter upcast to fp32; the single-GPU and ZeRO runs save it in the 16-bit training dtype).
 
     PEFT 0.21 picks a model's adapter entries by its module names, which under FSDP's nested wrapping read
     `layers.0._fsdp_wrapped_module.self_attn...` and match none of the (clean) gathered keys: `save_pretrained` then
@@ -219,7 +220,7 @@ def save_sharded_adapter(peft_model, state_dict: dict, output_dir: str) -> None:
     adapter = re.escape(peft_model.active_adapter)
     lora_key = re.compile(rf"(.*\.lora_[AB])\.{adapter}(\.weight)$")
     weights = {
-        match.group(1) + match.group(2): tensor.detach().contiguous()
+        match.group(1) + match.group(2): tensor.detach().to(dtype or tensor.dtype).contiguous()
         for key, tensor in state_dict.items()
         if (match := lora_key.fullmatch(key))
     }

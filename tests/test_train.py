@@ -197,6 +197,8 @@ def test_adapter_saved_from_an_fsdp_gathered_state_dict_equals_the_plain_save(ti
             state_dict = wrapped.state_dict()
         (tmp_path / "fsdp").mkdir()
         save_sharded_adapter(model, state_dict, str(tmp_path / "fsdp"))
+        (tmp_path / "fsdp16").mkdir()
+        save_sharded_adapter(model, state_dict, str(tmp_path / "fsdp16"), torch.bfloat16)
     finally:
         dist.destroy_process_group()
     plain = load_file(tmp_path / "plain" / "adapter_model.safetensors")
@@ -205,5 +207,6 @@ def test_adapter_saved_from_an_fsdp_gathered_state_dict_equals_the_plain_save(ti
     for key, tensor in plain.items():
         torch.testing.assert_close(sharded[key], tensor, rtol=0, atol=0)
     check_adapter(str(tmp_path / "fsdp"), model)
+    assert {t.dtype for t in load_file(tmp_path / "fsdp16" / "adapter_model.safetensors").values()} == {torch.bfloat16}
     with pytest.raises(RuntimeError, match="no LoRA weights of adapter 'default'"):
         save_sharded_adapter(model, {"lm_head.weight": torch.zeros(2)}, str(tmp_path / "fsdp"))
