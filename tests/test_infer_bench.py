@@ -35,6 +35,7 @@ def test_infer_on_a_saved_model_and_adapter(benchmark_main, tiny_llama, tmp_path
     assert line["settings"]["merge_adapters"] and line["settings"]["attn_implementation"] == "lmsys_flex"
     assert line["timed_rows"] == 6 and line["parity_rows"] == 4 and line["tokens_per_s"] > 0
     assert math.isfinite(line["max_abs_prob_diff"]) and line["max_abs_prob_diff"] <= 1e-4
+    assert 0 <= line["mean_abs_prob_diff"] <= line["max_abs_prob_diff"]
 
 
 @pytest.mark.parametrize("args, message", [

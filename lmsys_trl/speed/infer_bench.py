@@ -5,8 +5,9 @@ length mix (the inference prompts of an arena file) with `score.score_token_rows
 runs, on a model built for the variant's settings: a random-weight model of a real shape (`build_scoring_model`:
 seed 0, so every variant has the same base weights, with a random LoRA-shaped adapter, r 32 / alpha 64 on q, k, v, o,
 seed 1) or a real trained model + adapters (`load_trained_model`, through `score.load_model` as `scripts/eval.py`).
-Untimed warm-up passes come first (compilation); `max_abs_prob_diff` compares the variant's A/B/C probabilities with a
-plain unbatched full forward of the same model (`score.reference_letter_logits`).
+Untimed warm-up passes come first (compilation); `max_abs_prob_diff` (and `mean_abs_prob_diff`, over rows and letters)
+compares the variant's A/B/C probabilities with a plain unbatched full forward of the same model
+(`score.reference_letter_logits`).
 """
 
 import tempfile
@@ -137,6 +138,7 @@ def run_variant(name: str, overrides: dict, build_model, tokenizer, rows: list[l
     checked = rows[:parity_rows]
     with plain_forward(model):
         plain = np.stack([reference_letter_logits(model, ids, letter_ids).cpu().numpy() for ids in checked])
+    prob_diff = np.abs(softmax(logits[: len(checked)]) - softmax(plain))
     tokens = passes * (sum(map(len, rows)) + (sum(map(len, swapped_rows)) if tta else 0))
     rows_per_s = passes * len(rows) / seconds
     result = {
@@ -145,7 +147,8 @@ def run_variant(name: str, overrides: dict, build_model, tokenizer, rows: list[l
         "rows_per_s": round(rows_per_s, 3),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if device == "cuda" else None,
-        "max_abs_prob_diff": float(np.abs(softmax(logits[: len(checked)]) - softmax(plain)).max()),
+        "max_abs_prob_diff": float(prob_diff.max()),
+        "mean_abs_prob_diff": float(prob_diff.mean()),
         "parity_rows": len(checked),
         "precision": settings["precision"],
         "swap_tta": tta,
