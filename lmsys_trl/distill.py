@@ -226,9 +226,20 @@ def causal_lm_of(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def letter_logits_from_hidden(causal_lm, hidden: torch.Tensor, letter_ids: list[int]) -> torch.Tensor:
-    """A/B/C logits from final hidden states (rows, hidden), as the model's head computes them (final softcap)."""
-    logits = causal_lm.get_output_embeddings()(hidden)[:, letter_ids].float()
+def letter_logits_from_hidden(causal_lm, hidden: torch.Tensor, letter_ids: list[int],
+                              fp32_head: bool = False) -> torch.Tensor:
+    """(rows, 3) A/B/C logits from final hidden states (rows, hidden), final softcap included.
+
+    Training calls the head module (its weight may be sharded outside forward: ZeRO-3). Scoring asks `fp32_head`: the
+    head's three letter rows in fp32, exact and cheaper than the vocabulary, where the head itself rounds each logit
+    to the model dtype (bf16: steps of 0.125 where |logit| is 16 to 32, up to ~3e-2 of probability)."""
+    head = causal_lm.get_output_embeddings()
+    if fp32_head and type(head) is torch.nn.Linear:  # an adapted or quantised head runs its own forward
+        logits = hidden.float() @ head.weight[letter_ids].float().T
+        if head.bias is not None:
+            logits = logits + head.bias[letter_ids].float()
+    else:
+        logits = head(hidden)[:, letter_ids].float()
     cap = getattr(causal_lm.config.get_text_config(), "final_logit_softcapping", None)
     return cap * torch.tanh(logits / cap) if cap else logits
 

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import swap_row
+from .distill import causal_lm_of, letter_logits_from_hidden
 from .formatting import chat_token_ids, format_example
 from .metrics import softmax
 from .model import attention_kwargs, letter_token_ids, load_tokenizer
@@ -267,7 +268,7 @@ def model_device(model) -> torch.device:
 
 @torch.inference_mode()
 def batch_letter_logits(model, rows: list[list[int]], letter_ids: list[int], pad_token_id: int) -> torch.Tensor:
-    """(rows, 3) float32 logits of the letters at each row's last position: left padding, one LM-head position."""
+    """(rows, 3) float32 logits of the letters at each row's last position: left padding, the head at the last one."""
     width = max(map(len, rows))
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -276,21 +277,20 @@ def batch_letter_logits(model, rows: list[list[int]], letter_ids: list[int], pad
         attention_mask[r, width - len(ids):] = 1
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     device = model_device(model)
-    logits = model(
+    causal_lm = causal_lm_of(model)
+    hidden = causal_lm.base_model(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
         position_ids=position_ids.to(device),
-        logits_to_keep=1,
         use_cache=False,
-    ).logits
-    return logits[:, -1, letter_ids].float()
+    ).last_hidden_state
+    return letter_logits_from_hidden(causal_lm, hidden[:, -1], letter_ids, fp32_head=True)
 
 
 @contextmanager
 def plain_forward(model, attention: str = "eager"):
     """The model with its decoder layers uncompiled and `attention` kernel while inside: the reference forward of the
     parity checks (rows of any length, no recompilation), restored on exit."""
-    from .distill import causal_lm_of
     from .model import decoder_layers
 
     causal_lm = causal_lm_of(model)
@@ -310,9 +310,10 @@ def plain_forward(model, attention: str = "eager"):
 
 @torch.inference_mode()
 def reference_letter_logits(model, ids: list[int], letter_ids: list[int]) -> torch.Tensor:
-    """The plain path, for parity checks only: one unpadded row, full forward, logits at every position."""
-    logits = model(input_ids=torch.tensor([ids], device=model_device(model)), use_cache=False).logits
-    return logits[0, -1, letter_ids].float()
+    """The plain path, for parity checks only: one unpadded row, full forward, the letter head at its last token."""
+    causal_lm = causal_lm_of(model)
+    hidden = causal_lm.base_model(input_ids=torch.tensor([ids], device=model_device(model)), use_cache=False)
+    return letter_logits_from_hidden(causal_lm, hidden.last_hidden_state[0, -1:], letter_ids, fp32_head=True)[0]
 
 
 def packed_sequences(rows: list[list[int]], token_budget: int, pad_token_id: int):
@@ -340,15 +341,13 @@ def packed_sequences(rows: list[list[int]], token_budget: int, pad_token_id: int
 @torch.inference_mode()
 def packed_letter_logits(model, input_ids, position_ids, ends, letter_ids: list[int]) -> torch.Tensor:
     """(rows, 3) float32 letter logits of one packed sequence: the backbone over all tokens (no attention mask, no
-    cache: transformers detects the rows from `position_ids`), the LM head (final softcap included) at `ends` only."""
-    from .distill import causal_lm_of, letter_logits_from_hidden
-
+    cache: transformers detects the rows from `position_ids`), the letter head at `ends` only."""
     causal_lm = causal_lm_of(model)
     device = model_device(model)
     hidden = causal_lm.base_model(
         input_ids=input_ids.to(device), position_ids=position_ids.to(device), attention_mask=None, use_cache=False
     ).last_hidden_state
-    return letter_logits_from_hidden(causal_lm, hidden[0, ends.to(device)], letter_ids)
+    return letter_logits_from_hidden(causal_lm, hidden[0, ends.to(device)], letter_ids, fp32_head=True)
 
 
 def score_token_rows(

@@ -65,12 +65,13 @@ def test_batched_scoring_equals_one_row_at_a_time(tiny_llama, rows):
     tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=default_attn_implementation(path, None))
     model.eval()
-    calls = []
-    model.register_forward_hook(lambda module, args, output: calls.append(tuple(output.logits.shape)))
+    batches, head_calls = [], []
+    model.model.register_forward_hook(lambda module, args, output: batches.append(output.last_hidden_state.shape))
+    model.lm_head.register_forward_hook(lambda module, args, output: head_calls.append(output.shape))
     encoded = encode_rows(rows, tokenizer, max_length=256)
     letter_ids = letter_token_ids(tokenizer)
     batched = score_token_rows(model, encoded, letter_ids, tokenizer.pad_token_id, token_budget=4 * 256)
-    assert len(calls) >= 2 and all(shape[1] == 1 for shape in calls)  # several batches, last position only
+    assert len(batches) >= 2 and not head_calls  # several batches; only the head's 3 letter rows are used (fp32)
     single = score_token_rows(model, encoded, letter_ids, tokenizer.pad_token_id, token_budget=1)
     plain = np.stack([reference_letter_logits(model, ids, letter_ids).numpy() for ids in encoded])
     np.testing.assert_allclose(batched, single, atol=1e-4)
@@ -81,17 +82,23 @@ def test_batched_scoring_equals_one_row_at_a_time(tiny_llama, rows):
 
 
 class ContentBlindModel(torch.nn.Module):
-    """Ignores its input: the same letter logits for every row, whatever order A and B come in."""
+    """Ignores its input: the same letter logits for every row, whatever order A and B come in (a causal LM whose
+    backbone outputs a constant hidden state and whose head's bias holds the letter logits)."""
 
     def __init__(self, vocab_size, letter_ids):
         super().__init__()
-        self.bias = torch.nn.Parameter(torch.zeros(vocab_size))
+        self.head = torch.nn.Linear(1, vocab_size)
         with torch.no_grad():
-            self.bias[letter_ids] = torch.tensor([2.0, 0.5, -1.0])
+            self.head.weight.zero_()
+            self.head.bias.zero_()
+            self.head.bias[letter_ids] = torch.tensor([2.0, 0.5, -1.0])
+        self.config = SimpleNamespace(get_text_config=lambda: SimpleNamespace())
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0, use_cache=False):
-        assert logits_to_keep == 1
-        return SimpleNamespace(logits=self.bias.expand(input_ids.shape[0], 1, -1))
+    def get_output_embeddings(self):
+        return self.head
+
+    def base_model(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+        return SimpleNamespace(last_hidden_state=torch.ones(*input_ids.shape, 1))
 
 
 def test_swap_tta_is_symmetric_for_a_content_blind_model(rows):
