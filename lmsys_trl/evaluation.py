@@ -113,8 +113,8 @@ class EvalArguments:
     device: str = field(default="auto", metadata={"help": "Device: auto (cuda:0 if available), cpu, cuda:N."})
     pack_rows: bool | None = field(
         default=None,
-        metadata={"help": "Pack rows padding-free into flat sequences of token_budget tokens (LM head at each row's "
-                          "last token only) instead of length-sorted padded batches (default: on GPU)."},
+        metadata={"help": "Pack rows padding-free into flat sequences of token_budget tokens instead of "
+                          "length-sorted padded batches (default: on GPU)."},
     )
     token_budget: int | None = field(
         default=None,

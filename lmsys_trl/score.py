@@ -2,11 +2,12 @@
 
 Each row is the training prompt in inference mode (`formatting.comparison_text(mode="infer")`) rendered by the chat
 template up to the assistant turn, so the next token is the answer letter. Two paths, results in input order:
-- padded (default): rows length-sorted into batches under a token budget, left-padded with explicit position ids, only
-  the last position reaching the LM head (`logits_to_keep=1`);
+- padded (default): rows length-sorted into batches under a token budget, left-padded with explicit position ids;
 - packed (`pack=True`): rows packed first-fit-decreasing into flat sequences of exactly `token_budget` tokens
   (`lmsys_trl.fast.PackingCollator`: position ids restart at each row, no attention mask, so transformers builds the
-  packed-document mask), the backbone run once per sequence and the LM head applied only at each row's last token.
+  packed-document mask), the backbone run once per sequence.
+Either way only each row's last hidden state meets the LM head, and only its three letter rows, in fp32
+(`distill.letter_logits_from_hidden(fp32_head=True)`).
 Before scoring, `prepare_for_scoring` merges the LoRA adapters into the base, quantises its linear layers to FP8 for
 `precision="fp8"` and compiles the decoder layers, as `resolve_scoring` settles for the device.
 """
