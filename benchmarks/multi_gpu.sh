@@ -9,6 +9,7 @@
 set -uo pipefail
 tokenizers=${1:?tokenizers dir}; data=${2:?data dir}; out=${3:?out dir}; shift 3
 sizes=("$@"); [ ${#sizes[@]} -gt 0 ] || sizes=(1 2)
+steps=${MAX_STEPS:-20}
 # SHAPE / LAYERS / SFT_ARGS / EVAL_ARGS let a CPU dry run use a tiny model (see docs/benchmarks.md).
 shape=${SHAPE:-gemma-2-9b}; layers=${LAYERS:-4}; configs=${CONFIGS:-single_gpu multi_gpu deepspeed_zero2 deepspeed_zero3 fsdp_qlora}
 model=$out/$shape-${layers}l
@@ -25,7 +26,7 @@ for n in "${sizes[@]}"; do
     CUDA_VISIBLE_DEVICES=${GPUS:-$(seq -s, 0 $((n - 1)))} timeout "${RUN_TIMEOUT:-300}" accelerate launch \
         --config_file accelerate_configs/$cfg.yaml --num_processes "$n" --main_process_port "${PORT:-29500}" scripts/sft.py \
         recipes/gemma2_9b.yaml --model_name_or_path "$model" --train_files "$data/lmsys_arena_sample100.csv" \
-        --max_train_rows 80 --swap_augment 0 --max_val_rows 8 --max_steps "${MAX_STEPS:-20}" --logging_steps 1 \
+        --max_train_rows 80 --swap_augment 0 --max_val_rows 8 --max_steps "$steps" --logging_steps 1 \
         --save_strategy no --overwrite_output_dir true --output_dir "$run" ${SFT_ARGS:---flex_attention false --compile_layers false} > "$run.log" 2>&1
     rc=$?
     loads=no
@@ -33,9 +34,9 @@ for n in "${sizes[@]}"; do
     elif [ $rc = 0 ] && CUDA_VISIBLE_DEVICES=${GPUS:-0} python3 scripts/eval.py --base_model "$model" --adapters "$run" --max_length 1900 \
         --data "$data/lmsys_arena_sample100.csv" --max_rows 8 --out "$run-eval" --no_report ${EVAL_ARGS:---precision 4bit --pack_rows false} \
         > "$run-eval.log" 2>&1; then loads=yes; fi
-    python3 - "$run" "$cfg" "$n" "$rc" "$loads" "$start" <<'PY'
+    python3 - "$run" "$cfg" "$n" "$rc" "$loads" "$start" "$steps" <<'PY'
 import json, os, sys, time, datetime, torch
-run, cfg, n, rc, loads, start = sys.argv[1:]
+run, cfg, n, rc, loads, start, steps = sys.argv[1:]
 m = json.load(open(os.path.join(run, "metrics.json"))) if rc == "0" else {}
 size = os.path.getsize(os.path.join(run, "adapter_model.safetensors")) if rc == "0" else 0
 line = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
@@ -43,9 +44,9 @@ line = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_devi
         "mode": "train", "variant": f"{cfg}-world{n}", "world_size": int(n), "rc": int(rc),
         "tokens_per_s": m.get("train_tokens_per_second"),
         "tokens_per_s_per_gpu": round(m["train_tokens_per_second"] / int(n), 1) if m.get("train_tokens_per_second") else None,
-        "rows_per_s": round(16 * int(os.environ.get("MAX_STEPS", 20)) / m["train_runtime"], 2) if m.get("train_runtime") else None,
+        "rows_per_s": round(16 * int(steps) / m["train_runtime"], 2) if m.get("train_runtime") else None,
         "peak_gib": m.get("peak_gpu_memory_gib"), "adapter_bytes": size, "adapter_loads_in_eval": None if loads == "skipped" else loads == "yes",
-        "wall_s": int(time.time()) - int(start), "max_steps": int(os.environ.get("MAX_STEPS", 20)),
+        "wall_s": int(time.time()) - int(start), "max_steps": int(steps),
         "command": f"accelerate launch --config_file accelerate_configs/{cfg}.yaml --num_processes {n} scripts/sft.py recipes/gemma2_9b.yaml (benchmarks/multi_gpu.sh)"}
 print(json.dumps(line), flush=True)
 with open(os.environ.get("RESULTS", "benchmarks/results.jsonl"), "a") as f:
