@@ -42,6 +42,11 @@ def parse_variants(specs: list[list[str]]) -> dict:
     return variants
 
 
+def command_line() -> str:
+    """This run's command, as the JSON lines record it."""
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
 def run_variants(args, variants: dict, measure, mode: str, model: str | None = None) -> dict:
     """Measure each variant (`measure(name, overrides)` -> result), append its JSON line (its "model": `model`, by
     default `args.shape`), print the comparison."""
@@ -49,7 +54,7 @@ def run_variants(args, variants: dict, measure, mode: str, model: str | None = N
 
     if args.only:  # in the order given
         variants = {k: variants[k] for k in args.only if k in variants}
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = command_line()
     measured = {}
     for name, overrides in variants.items():
         try:
@@ -140,7 +145,7 @@ def precision(args):
     from lmsys_trl.speed.precision_study import compare_precisions
     from lmsys_trl.speed.train_bench import append_result
 
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = command_line()
     results = compare_precisions(args.base_model, args.adapters, args.data, args.max_length, args.precisions,
                                  args.baseline, args.rows, args.temperature, token_budget=args.token_budget)
     print(f"\n{'precision':<10}{'log loss':>10}{'accuracy':>10}  {'Δ vs ' + args.baseline:>18}{'mean|Δp|':>10}")
