@@ -317,6 +317,11 @@ def reference_letter_logits(model, ids: list[int], letter_ids: list[int]) -> tor
     return letter_logits_from_hidden(causal_lm, hidden.last_hidden_state[0, -1:], letter_ids, fp32_head=True)[0]
 
 
+def plain_letter_logits(model, rows: list[list[int]], letter_ids: list[int]) -> np.ndarray:
+    """(N, 3) letter logits of token rows by the plain path, one row at a time (`reference_letter_logits`)."""
+    return np.stack([reference_letter_logits(model, ids, letter_ids).cpu().numpy() for ids in rows])
+
+
 def packed_sequences(rows: list[list[int]], token_budget: int, pad_token_id: int):
     """Yield (row indices, input_ids, position_ids, last-token positions) of each flat (1, token_budget) sequence that
     `fast.pack_rows` / `fast.PackingCollator` make of `rows` (padding: a pseudo-row of its own at the end)."""
@@ -424,7 +429,7 @@ def parity_check(model, tokenizer, dataset, max_length: int, token_budget: int =
     rows = encode_rows(dataset, tokenizer, max_length)
     letter_ids = letter_token_ids(tokenizer)
     batched = score_token_rows(model, rows, letter_ids, tokenizer.pad_token_id, token_budget, desc="Batched")
-    plain = np.stack([reference_letter_logits(model, ids, letter_ids).cpu().numpy() for ids in rows])
+    plain = plain_letter_logits(model, rows, letter_ids)
     diff = np.abs(softmax(batched) - softmax(plain))
     lengths = [len(r) for r in rows]
     return {

@@ -13,7 +13,7 @@ from lmsys_trl.data import load_arena
 from lmsys_trl.evaluation import EvalArguments, MemberScorer
 from lmsys_trl.metrics import softmax
 from lmsys_trl.model import letter_token_ids, load_tokenizer
-from lmsys_trl.score import encode_rows, load_model, packed_sequences, reference_letter_logits, score_token_rows
+from lmsys_trl.score import encode_rows, load_model, packed_sequences, plain_letter_logits, score_token_rows
 
 
 BUDGET = 512  # forces several packed sequences for the rows below (max_length 256)
@@ -27,10 +27,6 @@ def arena_rows():
     pandalm = load_arena(str(PANDALM)).select(range(0, 36, 9))
     arena = load_arena(str(ARENA_SAMPLE)).select(range(3))
     return concatenate_datasets([pandalm, arena.cast(pandalm.features)])
-
-
-def plain_logits(model, rows, letter_ids):
-    return np.stack([reference_letter_logits(model, ids, letter_ids).numpy() for ids in rows])
 
 
 def assert_same_probabilities(packed, plain):
@@ -70,7 +66,7 @@ def test_packed_scoring_equals_one_row_at_a_time(family, attn, arena_rows, tiny_
     packed = score_token_rows(model, rows, letter_ids, tokenizer.pad_token_id, BUDGET, pack=True)
     # flex builds its block mask with a compiled function per sequence length: the plain reference runs eager
     plain = model if attn != "lmsys_flex" else load_model(path, [], "fp32", "cpu", attn_implementation="eager")
-    assert_same_probabilities(packed, plain_logits(plain, rows, letter_ids))  # also: results in input order
+    assert_same_probabilities(packed, plain_letter_logits(plain, rows, letter_ids))  # also: results in input order
 
 
 def test_packed_scoring_applies_the_lora_adapter(arena_rows, tiny_llama):
@@ -80,11 +76,11 @@ def test_packed_scoring_applies_the_lora_adapter(arena_rows, tiny_llama):
     base = load_model(str(tiny_llama), [], precision="fp32", device="cpu")
     rows = encode_rows(arena_rows.select(range(6)), tokenizer, max_length=256)
     letter_ids = letter_token_ids(tokenizer)
-    before = plain_logits(base, rows, letter_ids)
+    before = plain_letter_logits(base, rows, letter_ids)
     torch.manual_seed(0)
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     model = get_peft_model(base, lora).eval()
-    plain = plain_logits(model, rows, letter_ids)
+    plain = plain_letter_logits(model, rows, letter_ids)
     assert np.abs(plain - before).max() > 1e-3  # the adapter changes the letters' logits
     packed = score_token_rows(model, rows, letter_ids, tokenizer.pad_token_id, BUDGET, pack=True)
     assert_same_probabilities(packed, plain)

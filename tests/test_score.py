@@ -20,7 +20,7 @@ from lmsys_trl.score import (
     length_sorted_batches,
     letter_probs,
     load_kwargs,
-    reference_letter_logits,
+    plain_letter_logits,
     same_model,
     score_dataset,
     score_token_rows,
@@ -73,7 +73,7 @@ def test_batched_scoring_equals_one_row_at_a_time(tiny_llama, rows):
     batched = score_token_rows(model, encoded, letter_ids, tokenizer.pad_token_id, token_budget=4 * 256)
     assert len(batches) >= 2 and not head_calls  # several batches; only the head's 3 letter rows are used (fp32)
     single = score_token_rows(model, encoded, letter_ids, tokenizer.pad_token_id, token_budget=1)
-    plain = np.stack([reference_letter_logits(model, ids, letter_ids).numpy() for ids in encoded])
+    plain = plain_letter_logits(model, encoded, letter_ids)
     np.testing.assert_allclose(batched, single, atol=1e-4)
     np.testing.assert_allclose(batched, plain, atol=1e-4)
     assert np.abs(softmax(batched) - softmax(plain)).max() < 1e-5

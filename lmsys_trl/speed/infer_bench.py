@@ -7,7 +7,7 @@ seed 0, so every variant has the same base weights, with a random LoRA-shaped ad
 seed 1) or a real trained model + adapters (`load_trained_model`, through `score.load_model` as `scripts/eval.py`).
 Untimed warm-up passes come first (compilation); `max_abs_prob_diff` (and `mean_abs_prob_diff`, over rows and letters)
 compares the variant's A/B/C probabilities with a plain unbatched full forward of the same model
-(`score.reference_letter_logits`).
+(`score.plain_letter_logits`).
 """
 
 import tempfile
@@ -25,8 +25,8 @@ from ..score import (
     LOAD_DTYPES,
     load_model,
     plain_forward,
+    plain_letter_logits,
     prepare_for_scoring,
-    reference_letter_logits,
     resolve_scoring,
     score_token_rows,
     scoring_attention_kwargs,
@@ -137,7 +137,7 @@ def run_variant(name: str, overrides: dict, build_model, tokenizer, rows: list[l
     seconds = _synchronized_clock(device) - start
     checked = rows[:parity_rows]
     with plain_forward(model):
-        plain = np.stack([reference_letter_logits(model, ids, letter_ids).cpu().numpy() for ids in checked])
+        plain = plain_letter_logits(model, checked, letter_ids)
     prob_diff = np.abs(softmax(logits[: len(checked)]) - softmax(plain))
     tokens = passes * (sum(map(len, rows)) + (sum(map(len, swapped_rows)) if tta else 0))
     rows_per_s = passes * len(rows) / seconds
