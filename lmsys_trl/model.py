@@ -66,16 +66,74 @@ def decoder_layers(model) -> list:
 
 def compile_decoder_layers(model, backend: str = "inductor") -> int:
     """`torch.compile` each decoder layer in place with fixed shapes (fuses its norms, activations and residuals; the
-    layers share one graph per layer kind). Gradient checkpointing stays outside the compiled call. Returns the count.
+    layers share one graph per layer kind). Returns the count.
     """
     layers = decoder_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__}: no decoder layers (GradientCheckpointingLayer) to compile")
-    # one graph per micro-batch shape and layer kind (gemma-2 alternates sliding / global layers)
+    # one graph per sequence shape and layer kind (gemma-2 alternates sliding / global layers)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for layer in layers:
         layer.compile(backend=backend, dynamic=False)
     return len(layers)
+
+
+# ----------------------------------------------------------------------------------------------- the letter head
+
+
+def causal_lm_of(model):
+    """The transformers causal LM inside DDP / PEFT wrappers (the module whose `base_model` is the backbone)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def letter_logits_from_hidden(causal_lm, hidden: torch.Tensor, letter_ids: list[int],
+                              fp32_head: bool = False) -> torch.Tensor:
+    """(rows, 3) A/B/C logits from final hidden states (rows, hidden), final softcap included.
+
+    Training calls the head module (its weight may be sharded outside forward: ZeRO-3). Scoring asks `fp32_head`: the
+    head's three letter rows in fp32, exact and cheaper than the vocabulary, where the head itself rounds each logit
+    to the model dtype (bf16: steps of 0.125 where |logit| is 16 to 32, up to ~3e-2 of probability)."""
+    head = causal_lm.get_output_embeddings()
+    if fp32_head and type(head) is torch.nn.Linear:  # an adapted or quantised head runs its own forward
+        logits = hidden.float() @ head.weight[letter_ids].float().T
+        if head.bias is not None:
+            logits = logits + head.bias[letter_ids].float()
+    else:
+        logits = head(hidden)[:, letter_ids].float()
+    cap = getattr(causal_lm.config.get_text_config(), "final_logit_softcapping", None)
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
+# ----------------------------------------------------------------------------------------------- attention kernels
+
+
+FLEX_ATTENTION = "lmsys_flex"
+# Triton tiles for head_dim 256 (gemma-2): the default ones exceed the H100's shared memory.
+LARGE_HEAD_KERNEL_OPTIONS = {"BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 1}
+
+
+def flex_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    """transformers' own `flex_attention_forward` (softcap `score_mod`, the packed-row `BlockMask` it builds from
+    `position_ids`), with the Triton tile sizes that gemma-2's head_dim 256 needs on CUDA (`kernel_options`: the
+    model's forward cannot pass them from a Trainer's batch)."""
+    from transformers.integrations.flex_attention import flex_attention_forward as library_forward
+
+    if query.shape[-1] > 128 and query.is_cuda and "kernel_options" not in kwargs:
+        kwargs["kernel_options"] = LARGE_HEAD_KERNEL_OPTIONS
+    return library_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def register_flex_attention() -> str:
+    """Register `flex_attention_forward` and transformers' flex `BlockMask` builder under `FLEX_ATTENTION`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask
+
+    AttentionInterface.register(FLEX_ATTENTION, flex_attention_forward)
+    AttentionMaskInterface.register(FLEX_ATTENTION, flex_attention_mask)
+    # evaluation batches (padded, not packed) bring a few more shapes
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return FLEX_ATTENTION
 
 
 DOT_PRODUCT_ATTENTION = "lmsys_dot_product"  # SDPA for gemma-2 without softcapping (a name without "sdpa" in it)
@@ -86,6 +144,8 @@ def attention_kwargs(name_or_path: str, requested: str | None = None, revision: 
     """Model-init kwargs for attention: the kernel (eager for gemma-2) and, with `softcapping` off, the config override
     `attn_logit_softcapping=None`; a model that then needs no softcap gets SDPA unless a kernel was requested.
     Training and scoring both load through it, so an adapter is scored with the attention it was trained with."""
+    if requested == FLEX_ATTENTION:
+        register_flex_attention()
     kwargs = {"attn_implementation": default_attn_implementation(name_or_path, requested, revision)}
     if softcapping:
         return kwargs
