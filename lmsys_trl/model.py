@@ -204,3 +204,152 @@ def export_gguf_model(package: str, gguf_file: str, out_dir: str) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+# ---- scoring-side loading
+
+
+KBIT = ("8bit", "4bit")  # bitsandbytes bases: adapters stay unmerged
+# from_pretrained dtype per scoring precision (fp8 loads in bf16 and is quantised by `prepare_for_scoring`)
+LOAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
+
+
+def same_model(trained_on: str | None, base_model: str) -> bool:
+    """Whether an adapter's recorded base model names `base_model`: equal ids, the same local path, or equal
+    final path components (a hub id and a local copy of it, e.g. `google/gemma-2-9b-it` and `/models/gemma-2-9b-it`).
+    """
+    import os
+
+    if not trained_on:
+        return True  # nothing recorded: nothing to check
+    a, b = trained_on.rstrip("/\\"), base_model.rstrip("/\\")
+    if a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)):
+        return True
+    return os.path.basename(a).lower() == os.path.basename(b).lower()
+
+
+def check_adapter_base(adapter: str, base_model: str, allow_mismatch: bool = False) -> None:
+    """Raise a clear error when `adapter` was trained on another base model than `base_model`."""
+    import logging
+
+    from peft import PeftConfig
+
+    try:
+        trained_on = PeftConfig.from_pretrained(adapter).base_model_name_or_path
+    except Exception as err:
+        raise ValueError(
+            f"{adapter}: not a LoRA adapter (no readable adapter_config.json): {type(err).__name__}: {err}"
+        ) from None
+    if same_model(trained_on, base_model):
+        return
+    message = f"adapter {adapter} was trained on base model '{trained_on}', but --base_model is '{base_model}'"
+    if not allow_mismatch:
+        raise ValueError(f"{message}; pass the matching --base_model, or --allow_base_mismatch true to use it anyway")
+    logging.getLogger(__name__).warning("%s (allowed by --allow_base_mismatch)", message)
+
+
+def auto_precision(precision: str, device: str) -> str:
+    """'auto' -> fp8 on a GPU with FP8 tensor cores (compute capability >= 8.9: H100, L4, ...), bf16 on older GPUs,
+    fp32 on the CPU; other values unchanged. (FP8 is the fastest precision that lost no log loss against the reference
+    recipe's 4-bit scoring: docs/benchmarks.md, "Precision and log loss".)"""
+    if precision != "auto":
+        return precision
+    if not device.startswith("cuda"):
+        return "fp32"
+    fp8_cores = torch.cuda.is_available() and torch.cuda.get_device_capability(torch.device(device)) >= (8, 9)
+    return "fp8" if fp8_cores else "bf16"
+
+
+def load_kwargs(precision: str, device: str) -> dict:
+    """`from_pretrained` kwargs: fp32 / bf16 / fp16 (fp8: bf16), or bitsandbytes 8-bit / 4-bit (nf4, double quant).
+
+    The 4-bit config is written here rather than taken from TRL's `get_quantization_config`: that one lives in
+    `trl.trainer.utils` (importing it loads TRL's trainer package, ~5 s) and reads a training `ModelConfig`."""
+    precisions = ("auto", *LOAD_DTYPES, *KBIT)
+    if precision not in precisions:
+        raise ValueError(f"precision must be one of {precisions}, got {precision!r}")
+    precision = auto_precision(precision, device)
+    if precision in LOAD_DTYPES:
+        return {"dtype": LOAD_DTYPES[precision]}
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(
+            f"precision {precision} needs bitsandbytes (`pip install lmsys-trl[quantization]`, CUDA only); "
+            "use --precision bf16 or fp32 on this machine"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if precision == "8bit":
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    return {"dtype": torch.bfloat16, "quantization_config": quantization, "device_map": {"": device}}
+
+
+def process_state():
+    """accelerate's state of this process: several under `accelerate launch` (gloo on CPU, NCCL on GPUs)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto': this process's GPU (cuda:<local rank>) when there is one, else the CPU."""
+    if device == "auto":
+        return f"cuda:{process_state().local_process_index}" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def prepare_for_scoring(model, precision: str, merge_adapters: bool = True, compile_layers: bool = False):
+    """The model as it is scored: LoRA adapters merged into the base (always for fp8), linear layers in FP8 for
+    `precision="fp8"`, decoder layers compiled in place (`compile_decoder_layers`, not accelerate's `compile_regions`:
+    that returns a copy whose layers are `OptimizedModule` wrappers, which `scoring.plain_forward` cannot switch off
+    for its parity reference); returns the (possibly unwrapped) model in eval mode."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel) and (merge_adapters or precision == "fp8"):
+        if precision in KBIT:
+            raise ValueError(f"LoRA adapters cannot be merged into a {precision} base; score them unmerged")
+        model = model.merge_and_unload()
+    if precision == "fp8":
+        from .fp8 import check_fp8_device, quantize_linear_layers
+
+        check_fp8_device(next(model.parameters()).device)
+        quantize_linear_layers(model)
+    if compile_layers:
+        compile_decoder_layers(model)
+    return model.eval()
+
+
+def load_model(base_model: str, adapters: list[str], precision: str = "auto", device: str = "auto",
+               attn_implementation: str | None = None, allow_base_mismatch: bool = False,
+               trust_remote_code: bool = False, attn_softcapping: bool = True, merge_adapters: bool = False,
+               compile_layers: bool = False):
+    """Base model (local path or hub id) at `precision`, with LoRA adapters applied together, then
+    `prepare_for_scoring` (merge, FP8, compile); eval mode. Several adapters are stacked: all of them are active at
+    once (their weight deltas add up)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(device)
+    for adapter in adapters:
+        check_adapter_base(adapter, base_model, allow_base_mismatch)
+    kwargs = load_kwargs(precision, device)
+    precision = auto_precision(precision, device)
+    model = AutoModelForCausalLM.from_pretrained(
+        base_model, **attention_kwargs(base_model, attn_implementation, softcapping=attn_softcapping),
+        trust_remote_code=trust_remote_code, **kwargs,
+    )
+    if "device_map" not in kwargs:
+        model.to(device)
+    names = [f"adapter{i}" for i in range(len(adapters))]
+    for i, (name, adapter) in enumerate(zip(names, adapters)):
+        if i == 0:
+            model = PeftModel.from_pretrained(model, adapter, adapter_name=name)
+        else:
+            model.load_adapter(adapter, adapter_name=name)
+    if len(adapters) > 1:
+        model.base_model.set_adapter(names)
+    return prepare_for_scoring(model, precision, merge_adapters, compile_layers)
