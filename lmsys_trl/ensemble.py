@@ -1,59 +1,10 @@
-"""Ensembles of scored members: Parquet cache of letter logits, weight and temperature fitting, post-processing."""
+"""Ensembles of scored members: probabilities combined by weight, weights and temperature fitted, post-processing."""
 
-import contextlib
-import hashlib
-import json
 import math
-import os
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .metrics import log_loss
-
-
-CACHE_KEY = b"lmsys_trl.cache_key"
-LOGIT_COLUMNS = ("logit_a", "logit_b", "logit_c")
-
-
-@contextlib.contextmanager
-def atomic_output(path: str):
-    """Yield a temporary path next to `path`; it replaces `path` only when the block finishes without error."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def cache_key(payload: dict) -> str:
-    """A stable digest of everything that determines a member's logits."""
-    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def save_logits(path: str, key: str, ids: list[str], logits: np.ndarray) -> None:
-    """Write (id, logit_a, logit_b, logit_c) atomically, with `key` in the Parquet schema metadata."""
-    table = pa.table({"id": list(ids), **{c: logits[:, i] for i, c in enumerate(LOGIT_COLUMNS)}})
-    table = table.replace_schema_metadata({CACHE_KEY: key.encode()})
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with atomic_output(path) as tmp:
-        pq.write_table(table, tmp)
-
-
-def load_logits(path: str, key: str, ids: list[str]) -> np.ndarray | None:
-    """Cached logits when `path` exists with the same key and row ids; otherwise None."""
-    if not os.path.isfile(path):
-        return None
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowException):
-        return None
-    if (table.schema.metadata or {}).get(CACHE_KEY, b"").decode() != key or table["id"].to_pylist() != list(ids):
-        return None
-    return np.stack([table[c].to_numpy() for c in LOGIT_COLUMNS], axis=1).astype(np.float64)
 
 
 def combine(member_probs, weights) -> np.ndarray:
@@ -102,6 +53,40 @@ def fit_temperature(probs_at, labels, low: float = 0.05, high: float = 20.0) -> 
     """The temperature T minimising log loss of `probs_at(T)` (searched on log T over [low, high])."""
     log_t = minimise_scalar(lambda x: log_loss(probs_at(math.exp(x)), labels), math.log(low), math.log(high))
     return math.exp(log_t)
+
+
+def ensemble_probs(member_logits: dict, weights, temperature: float, swap_weight: float, tta: bool = True):
+    """(per-member probabilities, weighted ensemble) at `temperature`; `member_logits`: {name: (logits, swapped
+    logits or None)}."""
+    from .scoring import letter_probs
+
+    probs = {
+        name: letter_probs(logits, temperature, swapped if tta else None, swap_weight)
+        for name, (logits, swapped) in member_logits.items()
+    }
+    return probs, combine(list(probs.values()), weights)
+
+
+def calibrate(args, member_logits: dict, labels, weights) -> tuple[float, np.ndarray]:
+    """Temperature and weights as `args` (`EvalArguments`) asks: fitted on the labelled rows among `labels`
+    (alternating when both are fitted), else the given ones."""
+    temperature = args.temperature
+    if not (args.fit_temperature or args.fit_weights):
+        return temperature, weights
+    keep = np.asarray(labels) >= 0
+    if not keep.any():
+        raise ValueError("fitting temperature / weights needs labelled rows: give --fit_data or labelled --data")
+    labels = np.asarray(labels)[keep]
+    member_logits = {n: (lg[keep], None if sw is None else sw[keep]) for n, (lg, sw) in member_logits.items()}
+    for _ in range(3 if args.fit_temperature and args.fit_weights else 1):
+        if args.fit_temperature:
+            temperature = fit_temperature(
+                lambda t: ensemble_probs(member_logits, weights, t, args.swap_weight, args.swap_tta)[1], labels
+            )
+        if args.fit_weights and len(member_logits) > 1:
+            probs, _ = ensemble_probs(member_logits, weights, temperature, args.swap_weight, args.swap_tta)
+            weights = fit_weights(list(probs.values()), labels)
+    return temperature, weights
 
 
 def is_empty_response(turns) -> bool:

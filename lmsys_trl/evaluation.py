@@ -1,158 +1,83 @@
-"""`scripts/eval.py`: score members (cached), temperature / weights, post-processing, metrics, submission, report."""
+"""`scripts/eval.py`'s arguments (`EvalArguments`, the scoring settings they resolve to) and its metrics.json."""
 
-import json
-import logging
 import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import pandas as pd
-
-from .data import WINNER_COLUMNS, load_arena
-from .ensemble import (
-    atomic_output,
-    cache_key,
-    combine,
-    fit_temperature,
-    fit_weights,
-    load_logits,
-    post_process,
-    save_logits,
-)
-from .metrics import log_loss
-from .score import (
-    PACKED_TOKEN_BUDGET,
-    PADDED_TOKEN_BUDGET,
-    PRECISIONS,
-    SCORING_KEYS,
-    letter_probs,
-    process_state,
-    resolve_device,
-    resolve_scoring,
-)
 
 
-logger = logging.getLogger(__name__)
-RESULT_FILES = ("metrics.json", "predictions.parquet", "submission.csv", "report.html")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fp8", "8bit", "4bit")
+# Scoring settings (`EvalArguments` fields) and what `resolve_scoring` makes of their "auto" (None) values.
+SCORING_KEYS = ("precision", "attn_implementation", "attn_softcapping", "token_budget", "max_batch_size", "pack_rows",
+                "merge_adapters", "compile_layers")
+PACKED_TOKEN_BUDGET, PADDED_TOKEN_BUDGET = 16384, 8192
+
+
+def option(default, help: str):
+    """A dataclass field for `TrlParser`: its default (a list default is copied per instance) and its help text."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class EvalArguments:
     """Arguments of `scripts/eval.py`. List options take one entry per ensemble member (one entry: all members)."""
 
-    data: list[str] = field(
-        default_factory=list,
-        metadata={"help": "Arena files to score (.csv/.json/.jsonl/.parquet); unlabelled -> submission only."},
+    data: list[str] = option([], "Arena files to score (.csv/.json/.jsonl/.parquet); unlabelled -> submission only.")
+    out: str = option("eval_out", "Output directory (metrics.json, predictions.parquet, submission.csv, report.html).")
+    base_model: list[str] = option([], "Base model per member: local path or hub id (one entry = all members).")
+    adapters: list[str] = option(
+        [], "LoRA adapter(s) per member: a dir or hub id; several stacked adapters joined with ','."
     )
-    out: str = field(
-        default="eval_out",
-        metadata={"help": "Output directory (metrics.json, predictions.parquet, submission.csv, report.html)."},
+    max_length: list[int] = option(
+        [2048], "Inference max length per member (gemma-2-9b 1900, llama-3.1 2400, gemma-2-2b 2048)."
     )
-    base_model: list[str] = field(
-        default_factory=list,
-        metadata={"help": "Base model per member: local path or hub id (one entry = all members)."},
+    member_names: list[str] | None = option(None, "Member names (default: adapter dir names).")
+    weights: list[float] | None = option(None, "Ensemble weights per member (normalised to sum 1; default equal).")
+    fit_weights: bool = option(False, "Fit the ensemble weights on labelled rows (log loss).")
+    temperature: float = option(1.0, "Softmax temperature T: softmax(logits / T) (recipe 1.03).")
+    fit_temperature: bool = option(False, "Fit T on labelled rows by minimising log loss.")
+    fit_data: list[str] | None = option(
+        None, "Labelled files to fit T / weights on (default: the labelled rows of --data, in-sample)."
     )
-    adapters: list[str] = field(
-        default_factory=list,
-        metadata={"help": "LoRA adapter(s) per member: a dir or hub id; several stacked adapters joined with ','."},
+    swap_tta: bool = option(False, "Also score each row with A and B swapped and average.")
+    swap_weight: float = option(0.5, "Weight of the swapped pass in swap TTA.")
+    post_process: bool = option(
+        False, "Shift probability for empty responses (to the other side) and identical ones (to tie)."
     )
-    max_length: list[int] = field(
-        default_factory=lambda: [2048],
-        metadata={"help": "Inference max length per member (gemma-2-9b 1900, llama-3.1 2400, gemma-2-2b 2048)."},
+    empty_shift: float = option(0.5, "Share of an empty side's probability given to the other side.")
+    identical_shift: float = option(0.5, "Share of P(A)+P(B) given to tie for identical responses.")
+    precision: str = option("auto", f"Base weights: {', '.join(PRECISIONS)} (auto: fp8 on GPUs with FP8 tensor cores "
+                            "such as the H100, else bf16; fp32 on CPU. fp8: bf16 load, adapters merged, linear layers "
+                            "FP8 with per-row scales. k-bit: bitsandbytes, CUDA).")
+    attn_implementation: str | None = option(None, "Attention kernel (default: on GPU with packed rows the compiled "
+                                             "flex kernel lmsys_flex; otherwise eager for gemma-2, the library "
+                                             "default for others).")
+    attn_softcapping: bool = option(True, "false: gemma-2 without attention logit softcapping (for adapters trained "
+                                    "with attn_softcapping false); opens SDPA.")
+    device: str = option("auto", "Device: auto (cuda:0 if available), cpu, cuda:N.")
+    pack_rows: bool | None = option(None, "Pack rows padding-free into flat sequences of token_budget tokens instead "
+                                    "of length-sorted padded batches (default: on GPU).")
+    token_budget: int | None = option(None, f"Tokens per forward: with pack_rows the fixed length of each packed "
+                                      f"sequence (>= max_length; default {PACKED_TOKEN_BUDGET}), else padded tokens "
+                                      f"per batch (default {PADDED_TOKEN_BUDGET}).")
+    max_batch_size: int | None = option(None, "Rows per padded batch at most (default: budget only).")
+    merge_adapters: bool = option(
+        True, "Merge the LoRA adapters into the base weights before scoring (not for 4bit/8bit bases)."
     )
-    member_names: list[str] | None = field(
-        default=None,
-        metadata={"help": "Member names (default: adapter dir names)."},
+    compile_layers: bool | None = option(
+        None, "torch.compile the decoder layers (default: on GPU with packed rows, one fixed shape)."
     )
-    weights: list[float] | None = field(
-        default=None, metadata={"help": "Ensemble weights per member (normalised to sum 1; default equal)."}
-    )
-    fit_weights: bool = field(
-        default=False,
-        metadata={"help": "Fit the ensemble weights on labelled rows (log loss)."},
-    )
-    temperature: float = field(
-        default=1.0,
-        metadata={"help": "Softmax temperature T: softmax(logits / T) (recipe 1.03)."},
-    )
-    fit_temperature: bool = field(default=False, metadata={"help": "Fit T on labelled rows by minimising log loss."})
-    fit_data: list[str] | None = field(
-        default=None,
-        metadata={"help": "Labelled files to fit T / weights on (default: the labelled rows of --data, in-sample)."},
-    )
-    swap_tta: bool = field(default=False, metadata={"help": "Also score each row with A and B swapped and average."})
-    swap_weight: float = field(default=0.5, metadata={"help": "Weight of the swapped pass in swap TTA."})
-    post_process: bool = field(
-        default=False,
-        metadata={"help": "Shift probability for empty responses (to the other side) and identical ones (to tie)."},
-    )
-    empty_shift: float = field(
-        default=0.5,
-        metadata={"help": "Share of an empty side's probability given to the other side."},
-    )
-    identical_shift: float = field(
-        default=0.5,
-        metadata={"help": "Share of P(A)+P(B) given to tie for identical responses."},
-    )
-    precision: str = field(
-        default="auto",
-        metadata={"help": f"Base weights: {', '.join(PRECISIONS)} (auto: fp8 on GPUs with FP8 tensor cores such "
-                          "as the H100, else bf16; fp32 on CPU. fp8: bf16 load, adapters merged, linear layers FP8 "
-                          "with per-row scales. k-bit: bitsandbytes, CUDA)."},
-    )
-    attn_implementation: str | None = field(
-        default=None,
-        metadata={"help": "Attention kernel (default: on GPU with packed rows the compiled flex kernel lmsys_flex; "
-                          "otherwise eager for gemma-2, the library default for others)."},
-    )
-    attn_softcapping: bool = field(
-        default=True,
-        metadata={"help": "false: gemma-2 without attention logit softcapping (for adapters trained with "
-                          "attn_softcapping false); opens SDPA."},
-    )
-    device: str = field(default="auto", metadata={"help": "Device: auto (cuda:0 if available), cpu, cuda:N."})
-    pack_rows: bool | None = field(
-        default=None,
-        metadata={"help": "Pack rows padding-free into flat sequences of token_budget tokens instead of "
-                          "length-sorted padded batches (default: on GPU)."},
-    )
-    token_budget: int | None = field(
-        default=None,
-        metadata={"help": f"Tokens per forward: with pack_rows the fixed length of each packed sequence "
-                          f"(>= max_length; default {PACKED_TOKEN_BUDGET}), else padded tokens per batch "
-                          f"(default {PADDED_TOKEN_BUDGET})."},
-    )
-    max_batch_size: int | None = field(
-        default=None,
-        metadata={"help": "Rows per padded batch at most (default: budget only)."},
-    )
-    merge_adapters: bool = field(
-        default=True,
-        metadata={"help": "Merge the LoRA adapters into the base weights before scoring (not for 4bit/8bit bases)."},
-    )
-    compile_layers: bool | None = field(
-        default=None,
-        metadata={"help": "torch.compile the decoder layers (default: on GPU with packed rows, one fixed shape)."},
-    )
-    max_rows: int | None = field(
-        default=None,
-        metadata={"help": "Score only the first N rows of --data (quick runs)."},
-    )
-    overwrite: bool = field(default=False, metadata={"help": "Replace results already in --out."})
-    rescore: bool = field(
-        default=False,
-        metadata={"help": "Ignore cached member logits in <out>/members and re-run the models."},
-    )
-    resume: bool = field(
-        default=False,
-        metadata={"help": "Continue an interrupted run in --out: reuse the member logits it cached (as every run "
-                          "does unless --rescore) and replace any results it left."},
-    )
-    allow_base_mismatch: bool = field(
-        default=False, metadata={"help": "Use an adapter even if its recorded base model differs from --base_model."}
-    )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
-    report: bool = field(default=True, metadata={"help": "Write report.html and its PNG plots (labelled data only)."})
+    max_rows: int | None = option(None, "Score only the first N rows of --data (quick runs).")
+    overwrite: bool = option(False, "Replace results already in --out.")
+    rescore: bool = option(False, "Ignore cached member logits in <out>/members and re-run the models.")
+    resume: bool = option(False, "Continue an interrupted run in --out: reuse the member logits it cached (as every "
+                          "run does unless --rescore) and replace any results it left.")
+    allow_base_mismatch: bool = option(False, "Use an adapter even if its recorded base model differs from "
+                                       "--base_model.")
+    trust_remote_code: bool = option(False, "Allow custom model code from the hub.")
+    report: bool = option(True, "Write report.html and its PNG plots (labelled data only).")
 
     def __post_init__(self):
         if not self.data:
@@ -178,7 +103,9 @@ class EvalArguments:
         self.members()  # validates the per-member list lengths
 
     def scoring(self) -> tuple[str, dict]:
-        """(device, scoring settings): this process's device and `score.resolve_scoring` of the `SCORING_KEYS`."""
+        """(device, scoring settings): this process's device and `resolve_scoring` of the `SCORING_KEYS`."""
+        from .model import resolve_device
+
         device = resolve_device(self.device)
         return device, resolve_scoring({key: getattr(self, key) for key in SCORING_KEYS}, device)
 
@@ -215,233 +142,41 @@ class EvalArguments:
         return members
 
 
-def check_output_dir(out: str, overwrite: bool) -> None:
-    """Refuse an output dir that already holds results (unless `overwrite`) or cannot be written."""
-    existing = [f for f in RESULT_FILES if os.path.exists(os.path.join(out, f))]
-    if existing and not overwrite:
-        raise FileExistsError(
-            f"{out} already holds results ({', '.join(existing)}); pass --overwrite true to replace them or choose "
-            "another --out"
-        )
-    try:
-        os.makedirs(os.path.join(out, "members"), exist_ok=True)
-    except OSError as err:
-        raise PermissionError(f"{out}: cannot create the output dir ({err.strerror}); use another --out") from None
-    if not os.access(out, os.W_OK):
-        raise PermissionError(f"{out}: the output directory is not writable; choose another --out")
+def resolve_scoring(settings: dict, device: str) -> dict:
+    """`SCORING_KEYS` settings with their automatic values settled for `device`: on a GPU rows are packed into
+    sequences of `PACKED_TOKEN_BUDGET` tokens scored with the compiled flex kernel and compiled decoder layers at
+    `auto_precision`'s precision (fp8 on an H100); on the CPU, fp32 padded batches of `PADDED_TOKEN_BUDGET` tokens.
+    Explicit values are kept, except that adapters are never merged into a k-bit base."""
+    from .model import FLEX_ATTENTION, KBIT, auto_precision
+
+    resolved = {key: settings.get(key) for key in SCORING_KEYS}
+    cuda = device.startswith("cuda")
+    resolved["precision"] = auto_precision(resolved["precision"] or "auto", device)
+    if resolved["pack_rows"] is None:
+        resolved["pack_rows"] = cuda and resolved["max_batch_size"] is None
+    if resolved["token_budget"] is None:
+        resolved["token_budget"] = PACKED_TOKEN_BUDGET if resolved["pack_rows"] else PADDED_TOKEN_BUDGET
+    if resolved["attn_implementation"] is None and cuda and resolved["pack_rows"]:
+        resolved["attn_implementation"] = FLEX_ATTENTION
+    if resolved["compile_layers"] is None:
+        resolved["compile_layers"] = cuda and resolved["pack_rows"]  # one fixed shape: one compilation
+    if resolved["attn_softcapping"] is None:
+        resolved["attn_softcapping"] = True
+    resolved["merge_adapters"] = resolved["merge_adapters"] is not False and resolved["precision"] not in KBIT
+    return resolved
 
 
-def rows_digest(dataset) -> str:
-    """Digest of the rows' ids and texts (what the cached logits depend on)."""
-    return cache_key({c: dataset[c] for c in ("id", "prompt", "response_a", "response_b")})
+def load_data(args: EvalArguments) -> dict:
+    """{"data": the rows to score (the first `max_rows`), "fit": the labelled `fit_data` rows when they are used}."""
+    from .data import load_arena
 
-
-def _adapter_stamp(adapter: str) -> list:
-    """Size and mtime of a local adapter's files, so a retrained adapter invalidates its cache."""
-    if not os.path.isdir(adapter):
-        return [adapter]
-    return sorted(
-        (f, os.path.getsize(os.path.join(adapter, f)), os.path.getmtime(os.path.join(adapter, f)))
-        for f in os.listdir(adapter)
-        if f.startswith("adapter_")
-    )
-
-
-class MemberScorer:
-    """Letter logits of one member on a dataset (and its swapped rows), cached in Parquet; the model loads lazily."""
-
-    def __init__(self, member: dict, args: EvalArguments):
-        self.member, self.args = member, args
-        self.model = self.tokenizer = None
-        self.device, self.settings = args.scoring()
-
-    def logits(self, dataset, tag: str, swapped: bool) -> np.ndarray:
-        from .score import score_dataset
-
-        args, member = self.args, self.member
-        key = cache_key(
-            {
-                "rows": rows_digest(dataset),
-                "swapped": swapped,
-                **{k: member[k] for k in ("base_model", "adapters", "max_length")},
-                "adapter_files": [_adapter_stamp(a) for a in member["adapters"]],
-                **{k: v for k, v in self.settings.items() if k != "compile_layers"},  # what the logits depend on
-            }
-        )
-        path = os.path.join(args.out, "members", f"{member['name']}-{tag}{'-swapped' if swapped else ''}.parquet")
-        cached = None if args.rescore else load_logits(path, key, dataset["id"])
-        if cached is not None:
-            logger.info("Member %s: cached logits %s", member["name"], path)
-            return cached
-        state = process_state()
-        shard = list(range(len(dataset)))
-        if state.num_processes > 1:  # data-parallel under `accelerate launch`: a contiguous shard per process
-            with state.split_between_processes(shard) as mine:
-                shard = list(mine)
-        self._load()
-        logits = score_dataset(
-            self.model, self.tokenizer, dataset.select(shard), member["max_length"], swapped,
-            self.settings["token_budget"], self.settings["max_batch_size"], self.settings["pack_rows"],
-        )
-        if state.num_processes > 1:
-            logits = gather_shards(len(dataset), shard, logits)
-        if state.is_main_process:
-            save_logits(path, key, dataset["id"], logits)
-        return logits
-
-    def _load(self):
-        if self.model is not None:
-            return
-        from .score import load_model, load_scoring_tokenizer
-
-        args, member = self.args, self.member
-        self.tokenizer = load_scoring_tokenizer(member["base_model"], args.trust_remote_code)
-        settings = self.settings
-        self.model = load_model(
-            member["base_model"], member["adapters"], settings["precision"], self.device,
-            settings["attn_implementation"], args.allow_base_mismatch, args.trust_remote_code,
-            settings["attn_softcapping"], settings["merge_adapters"], settings["compile_layers"],
-        )
-
-    def release(self):
-        if self.model is not None:
-            from .model import release_memory
-
-            self.model = self.tokenizer = None
-            release_memory()
-
-
-def gather_shards(total: int, shard: list[int], logits: np.ndarray) -> np.ndarray:
-    """Every process's (row indices, logits) gathered into one (total, 3) array in input order."""
-    from accelerate.utils import gather_object
-
-    out = np.full((total, 3), np.nan)
-    for indices, part in gather_object([(shard, logits)]):
-        out[indices] = part
-    if np.isnan(out).any():
-        raise RuntimeError("sharded scoring lost rows: some process returned no logits for its shard")
-    return out
-
-
-def score_members(args: EvalArguments, members: list[dict], datasets: dict) -> dict:
-    """{tag: {member name: (logits, swapped logits or None)}} for every dataset tag; one model in memory at a time."""
-    out = {tag: {} for tag in datasets}
-    for member in members:
-        scorer = MemberScorer(member, args)
-        for tag, dataset in datasets.items():
-            swapped = scorer.logits(dataset, tag, swapped=True) if args.swap_tta else None
-            out[tag][member["name"]] = (scorer.logits(dataset, tag, swapped=False), swapped)
-        scorer.release()
-    return out
-
-
-def ensemble_probs(member_logits: dict, weights, temperature: float, swap_weight: float, tta: bool = True):
-    """(per-member probabilities, weighted ensemble) at `temperature`."""
-    probs = {
-        name: letter_probs(logits, temperature, swapped if tta else None, swap_weight)
-        for name, (logits, swapped) in member_logits.items()
-    }
-    return probs, combine(list(probs.values()), weights)
-
-
-def fit_calibration(args: EvalArguments, member_logits: dict, labels, weights) -> tuple[float, np.ndarray]:
-    """Temperature and weights fitted on labelled rows as asked (alternating when both are fitted)."""
-    temperature = args.temperature
-    for _ in range(3 if args.fit_temperature and args.fit_weights else 1):
-        if args.fit_temperature:
-            temperature = fit_temperature(
-                lambda t: ensemble_probs(member_logits, weights, t, args.swap_weight, args.swap_tta)[1], labels
-            )
-        if args.fit_weights and len(member_logits) > 1:
-            probs, _ = ensemble_probs(member_logits, weights, temperature, args.swap_weight, args.swap_tta)
-            weights = fit_weights(list(probs.values()), labels)
-    return temperature, weights
-
-
-def write_submission(path: str, ids, probs) -> None:
-    """Kaggle submission: id, winner_model_a, winner_model_b, winner_tie (rows in input order, each summing to 1)."""
-    probs = np.asarray(probs, dtype=np.float64)
-    probs = probs / probs.sum(axis=1, keepdims=True)
-    frame = pd.DataFrame({"id": list(ids), **{c: probs[:, i] for i, c in enumerate(WINNER_COLUMNS)}})
-    with atomic_output(path) as tmp:
-        frame.to_csv(tmp, index=False)
-
-
-def write_json(path: str, payload: dict) -> None:
-    with atomic_output(path) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2)
-
-
-def run_eval(args: EvalArguments) -> dict:
-    """Score, calibrate, combine, post-process; write the outputs into `args.out`. Returns the metrics (or {})."""
-    from .report import write_report
-
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    check_output_dir(args.out, args.overwrite or args.resume)
-    members = args.members()
     data = load_arena(args.data)
-    if args.max_rows:
-        data = data.select(range(min(args.max_rows, len(data))))
-    datasets = {"data": data}
+    datasets = {"data": data.select(range(min(args.max_rows, len(data)))) if args.max_rows else data}
     if args.fit_data and (args.fit_temperature or args.fit_weights):
         datasets["fit"] = load_arena(args.fit_data)
         if min(datasets["fit"]["label"]) < 0:
             raise ValueError(f"{', '.join(args.fit_data)}: fit_data must be labelled (winner columns)")
-    logits = score_members(args, members, datasets)
-    if not process_state().is_main_process:  # other processes only scored their shards
-        return {}
-
-    labels = np.asarray(data["label"])
-    labelled = labels >= 0
-    weights = np.array([m["weight"] for m in members])
-    temperature, fitted_on = args.temperature, "given"
-    if args.fit_temperature or args.fit_weights:
-        fit_tag = "fit" if "fit" in datasets else "data"
-        fit_labels = np.asarray(datasets[fit_tag]["label"])
-        keep = fit_labels >= 0
-        if not keep.any():
-            raise ValueError("fitting temperature / weights needs labelled rows: give --fit_data or labelled --data")
-        subset = {n: (lg[keep], None if sw is None else sw[keep]) for n, (lg, sw) in logits[fit_tag].items()}
-        temperature, weights = fit_calibration(args, subset, fit_labels[keep], weights)
-        fitted_on = "fit_data" if fit_tag == "fit" else "data (in-sample)"
-
-    member_probs, probs = ensemble_probs(logits["data"], weights, temperature, args.swap_weight, args.swap_tta)
-    rules, before = [""] * len(data), probs
-    if args.post_process:
-        shifts = (args.empty_shift, args.identical_shift)
-        probs, rules = post_process(probs, data["response_a"], data["response_b"], *shifts)
-
-    metrics = {}
-    if labelled.any():
-        calibration = {"temperature": temperature, "weights": weights, "fitted_on": fitted_on}
-        metrics = labelled_metrics(
-            args, members, data, logits["data"], member_probs, probs, before, rules, calibration
-        )
-
-    # ---- outputs: everything computed above, each file written atomically
-    predictions = pd.DataFrame({"id": data["id"], "label": labels})
-    for name, p in member_probs.items():
-        for i, letter in enumerate("abc"):
-            predictions[f"{name}_{letter}"] = p[:, i]
-    for i, column in enumerate(WINNER_COLUMNS):
-        predictions[column] = probs[:, i]
-    predictions["post_process_rule"] = rules
-    with atomic_output(os.path.join(args.out, "predictions.parquet")) as tmp:
-        predictions.to_parquet(tmp, index=False)
-    write_submission(os.path.join(args.out, "submission.csv"), data["id"], probs)
-    print(f"Wrote {os.path.join(args.out, 'submission.csv')} ({len(data)} rows)")
-    if not metrics:  # unlabelled: submission only; drop results of an earlier run that --overwrite replaces
-        for stale in ("metrics.json", "report.html"):
-            if os.path.exists(os.path.join(args.out, stale)):
-                os.remove(os.path.join(args.out, stale))
-        return metrics
-    write_json(os.path.join(args.out, "metrics.json"), metrics)
-    if args.report:
-        lengths = [sum(map(len, p + a + b)) for p, a, b in zip(data["prompt"], data["response_a"], data["response_b"])]
-        write_report(args.out, metrics, probs[labelled], labels[labelled], np.asarray(lengths)[labelled])
-    print(json.dumps({k: metrics[k] for k in ("rows", "log_loss", "accuracy", "ece")}, indent=2))
-    return metrics
+    return datasets
 
 
 def labelled_metrics(args, members, data, member_logits, member_probs, probs, before, rules, calibration) -> dict:
@@ -449,6 +184,8 @@ def labelled_metrics(args, members, data, member_logits, member_probs, probs, be
     import evaluate
 
     from .arena_metric import PATH as METRIC_PATH
+    from .metrics import log_loss
+    from .scoring import letter_probs
 
     metric = evaluate.load(METRIC_PATH)
     labels = np.asarray(data["label"])

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from .ensemble import atomic_output
+from .io import atomic_output
 from .metrics import confusion_matrix, reliability_bins, row_log_loss
 
 
@@ -152,4 +152,3 @@ def write_report(out_dir: str, metrics: dict, probs, labels, lengths) -> str:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(page)
     return path
-
