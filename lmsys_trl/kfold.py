@@ -1,7 +1,7 @@
 """k-fold workflow: out-of-fold predictions of the fold adapters, and combining them (ensemble or LoRA averaging).
 
 Fold k's adapter is trained by `scripts/sft.py ... --fold k --val_fraction 1/n` (grouped folds of
-`data.split_train_val`); it scores exactly the rows it did not see, through `scripts/eval.py`'s `run_eval`, so the
+`data.split_train_val`); it scores exactly the rows it did not see, through `scripts/eval.py`'s `run`, so the
 out-of-fold predictions cover every row once. The folds are then combined either as an ensemble of their
 probabilities (`run_eval` with one member per fold) or as one adapter whose LoRA weights are the elementwise mean of
 the fold adapters' `lora_A` and `lora_B` (`average_adapters`). Averaging A and B separately is what the 1st-place
@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .data import KAGGLE_COLUMNS, WINNER_COLUMNS, DataError, load_arena, split_train_val
-from .ensemble import atomic_output
+from .io import atomic_output
 from .metrics import log_loss
 
 
@@ -103,13 +103,14 @@ def write_rows(dataset, path: str) -> str:
     return path
 
 
-def out_of_fold(eval_args, val_fraction: float, seed: int) -> pd.DataFrame:
-    """Score each fold's validation rows with that fold's adapter (`eval_args.adapters[k]`) through `run_eval`.
+def out_of_fold(eval_args, val_fraction: float, seed: int, run_eval) -> pd.DataFrame:
+    """Score each fold's validation rows with that fold's adapter (`eval_args.adapters[k]`) through `run_eval`
+    (`scripts/eval.py`'s run: `EvalArguments` -> metrics).
 
     Writes <out>/fold-k/ (run_eval's outputs for fold k), <out>/oof_predictions.parquet (id, fold, label, A/B/tie
     probabilities for every row) and <out>/oof_metrics.json; returns the predictions.
     """
-    from .evaluation import check_output_dir, run_eval, write_json
+    from .io import check_output_dir, write_json
 
     folds = num_folds(val_fraction)
     if len(eval_args.adapters) != folds:
@@ -170,12 +171,10 @@ class KFoldArguments:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
-def run_kfold(kfold_args: KFoldArguments, eval_args) -> dict:
+def run_kfold(kfold_args: KFoldArguments, eval_args, run_eval) -> dict:
     """Out-of-fold predictions for every row, then the folds combined (averaged adapter or ensemble) and, with
     `test_data`, the test files scored by that combination. Returns the out-of-fold metrics."""
-    from .evaluation import run_eval
-
-    out_of_fold(eval_args, kfold_args.val_fraction, kfold_args.seed)
+    out_of_fold(eval_args, kfold_args.val_fraction, kfold_args.seed, run_eval)
     adapters = eval_args.adapters
     if kfold_args.combine == "average":
         path = os.path.join(eval_args.out, "averaged-adapter")

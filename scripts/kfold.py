@@ -16,13 +16,25 @@ Every scripts/eval.py option (--swap_tta, --temperature, --precision, ...) appli
 """
 
 
+import importlib.util
+import os
+
+
+def eval_run():
+    """`scripts/eval.py`'s `run` (the scoring run each fold and the test data go through)."""
+    spec = importlib.util.spec_from_file_location("eval_script", os.path.join(os.path.dirname(__file__), "eval.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.run
+
+
 def main(argv=None):
     from lmsys_trl.configs import parse
     from lmsys_trl.evaluation import EvalArguments
     from lmsys_trl.kfold import KFoldArguments, run_kfold
 
     kfold_args, eval_args = parse((KFoldArguments, EvalArguments), argv)
-    return run_kfold(kfold_args, eval_args)
+    return run_kfold(kfold_args, eval_args, eval_run())
 
 
 if __name__ == "__main__":
