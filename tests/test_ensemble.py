@@ -6,16 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from lmsys_trl.ensemble import (
-    atomic_output,
-    combine,
-    fit_temperature,
-    fit_weights,
-    load_logits,
-    minimise_scalar,
-    post_process,
-    save_logits,
-)
+from lmsys_trl.ensemble import combine, fit_temperature, fit_weights, minimise_scalar, post_process
+from lmsys_trl.io import atomic_output, load_logits, save_logits
 from lmsys_trl.metrics import log_loss, softmax
 
 

@@ -1,4 +1,4 @@
-"""FP8 linear layers, LoRA merging and compiled decoder layers: what `score.prepare_for_scoring` does to a model.
+"""FP8 linear layers, LoRA merging and compiled decoder layers: what `model.prepare_for_scoring` does to a model.
 
 Tolerances: e4m3 keeps 3 mantissa bits, so one FP8 matmul is within ~4% (relative Frobenius norm) of the bf16 one;
 the packed FP8 path against the plain forward of the same FP8 model is compared like the fp32 paths (the same
@@ -8,22 +8,22 @@ per-token activation scales in both, so only the reduction order differs).
 import numpy as np
 import pytest
 import torch
+from conftest import ARENA_SAMPLE, PANDALM
 from torch import nn
 
-from conftest import ARENA_SAMPLE, PANDALM
 from lmsys_trl.data import load_arena
+from lmsys_trl.evaluation import resolve_scoring
 from lmsys_trl.fp8 import Float8Linear, quantize_linear_layers
 from lmsys_trl.metrics import softmax
-from lmsys_trl.model import compile_decoder_layers, decoder_layers, letter_token_ids, load_tokenizer
-from lmsys_trl.score import (
-    encode_rows,
+from lmsys_trl.model import (
+    compile_decoder_layers,
+    decoder_layers,
+    letter_token_ids,
     load_model,
-    plain_forward,
-    plain_letter_logits,
+    load_tokenizer,
     prepare_for_scoring,
-    resolve_scoring,
-    score_token_rows,
 )
+from lmsys_trl.scoring import encode_rows, plain_forward, plain_letter_logits, score_token_rows
 
 
 def relative_error(a, b):

@@ -76,11 +76,13 @@ def test_averaging_refuses_adapters_of_another_shape(adapters, tiny_llama, tmp_p
     assert not (tmp_path / "avg").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("combine", ["average", "ensemble"])
 def test_kfold_script_out_of_fold_predictions_cover_every_row_with_its_fold_adapter(
     adapters, tiny_llama, tmp_path, combine
 ):
-    from lmsys_trl.score import letter_probs, load_model, load_scoring_tokenizer, score_dataset
+    from lmsys_trl.model import load_model
+    from lmsys_trl.scoring import letter_probs, load_scoring_tokenizer, score_dataset
 
     data = tmp_path / "train.csv"
     pd.read_csv(ARENA_SAMPLE, dtype=str, keep_default_na=False).head(8).to_csv(data, index=False)

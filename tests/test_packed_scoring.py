@@ -7,13 +7,14 @@ other reduction orders; a row attending to another row or a wrong position id mo
 import numpy as np
 import pytest
 import torch
-
 from conftest import ARENA_SAMPLE, PANDALM
+
 from lmsys_trl.data import load_arena
-from lmsys_trl.evaluation import EvalArguments, MemberScorer
+from lmsys_trl.evaluation import EvalArguments
+from lmsys_trl.members import MemberScorer
 from lmsys_trl.metrics import softmax
-from lmsys_trl.model import letter_token_ids, load_tokenizer
-from lmsys_trl.score import encode_rows, load_model, packed_sequences, plain_letter_logits, score_token_rows
+from lmsys_trl.model import letter_token_ids, load_model, load_tokenizer
+from lmsys_trl.scoring import encode_rows, packed_sequences, plain_letter_logits, score_token_rows
 
 
 BUDGET = 512  # forces several packed sequences for the rows below (max_length 256)
@@ -50,7 +51,8 @@ def test_packed_sequences_layout():
 
 @pytest.mark.parametrize(
     "family, attn",
-    [("llama", "sdpa"), ("llama", "eager"), ("llama", "lmsys_flex"), ("gemma", "eager"), ("gemma", "lmsys_flex")],
+    [("llama", "sdpa"), ("llama", "eager"), pytest.param("llama", "lmsys_flex", marks=pytest.mark.slow),
+     ("gemma", "eager"), pytest.param("gemma", "lmsys_flex", marks=pytest.mark.slow)],
 )
 def test_packed_scoring_equals_one_row_at_a_time(family, attn, arena_rows, tiny_llama, tiny_gemma):
     path = str(tiny_llama if family == "llama" else tiny_gemma)
@@ -101,6 +103,7 @@ def test_pack_rows_key_scores_like_the_padded_path(arena_rows, tiny_llama, tmp_p
         EvalArguments(**common, max_batch_size=4, pack_rows=True)
 
 
+@pytest.mark.slow
 def test_benchmark_infer_subcommand_on_cpu(tmp_path):
     import importlib.util
     import json
@@ -112,7 +115,8 @@ def test_benchmark_infer_subcommand_on_cpu(tmp_path):
     spec.loader.exec_module(benchmark)
     results = tmp_path / "results.jsonl"
     benchmark.main([
-        "infer", "--shape", "llama-3.1-tiny", "--tokenizer", str(TOKENIZERS / "llama-3.1"), "--data", str(ARENA_SAMPLE),
+        "infer", "--shape", "llama-3.1-tiny", "--tokenizer", str(TOKENIZERS / "llama-3.1"),
+        "--data", str(ARENA_SAMPLE),
         "--max_length", "256", "--rows", "6", "--parity_rows", "3", "--results", str(results),
         "--variant", "packed", "pack_rows=true", "token_budget=512",
     ])

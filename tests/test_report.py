@@ -1,7 +1,5 @@
 """Report: the three PNG plots and report.html render from metrics and probabilities."""
 
-import json
-
 import numpy as np
 
 from lmsys_trl.report import PLOTS, length_bins, write_report
@@ -39,7 +37,6 @@ def test_write_report_renders_plots_and_html(tmp_path):
         assert f'src="{name}"' in page
     assert f"{metrics['log_loss']:.4f}" in page and "m2 &lt;b&gt;" in page  # values shown, names escaped
     assert "tie" in page and "1.0986" in page
-    assert json.loads(json.dumps(metrics)) == metrics  # the embedded metrics are plain JSON
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*PLOTS, "report.html"])  # no temporary files left
 
 

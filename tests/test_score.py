@@ -9,19 +9,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from conftest import ARENA_SAMPLE, PANDALM, REPO, TOKENIZERS
+
 from lmsys_trl.data import load_arena
 from lmsys_trl.metrics import softmax
-from lmsys_trl.model import letter_token_ids, load_tokenizer
-from lmsys_trl.score import (
-    check_adapter_base,
+from lmsys_trl.model import check_adapter_base, letter_token_ids, load_kwargs, load_tokenizer, same_model
+from lmsys_trl.scoring import (
     encode_rows,
     length_sorted_batches,
     letter_probs,
-    load_kwargs,
     plain_letter_logits,
-    same_model,
     score_dataset,
     score_token_rows,
 )
@@ -147,6 +144,7 @@ def test_kbit_precision_without_bitsandbytes_is_a_clear_error():
         load_kwargs("int3", "cpu")
 
 
+@pytest.mark.slow
 def test_parity_script_on_cpu(tmp_path):
     out = tmp_path / "parity.jsonl"
     command = [
