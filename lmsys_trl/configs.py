@@ -28,6 +28,11 @@ class ArenaScriptArguments(ScriptArguments):
         metadata={"help": "Divide gradient_accumulation_steps by the number of processes, so that a multi-GPU run "
                           "takes the recipe's rows per optimiser step (the recipe is written for one GPU)."},
     )
+    row_max_length: int | None = field(
+        default=None,
+        metadata={"help": "Token budget of one formatted row (comparison text, chat template and answer; the "
+                          "reference's 2200). Default: max_length, which is the packed sequence length when packing."},
+    )
     max_train_rows: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
     max_val_rows: int | None = field(default=None, metadata={"help": "Keep only the first N validation rows."})
     num_proc: int | None = field(default=None, metadata={"help": "Worker processes for the formatting `map`."})

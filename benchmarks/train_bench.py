@@ -1,8 +1,9 @@
-"""Training throughput of one recipe under named variants (reference vs the recipe's own fast path), same rows.
+"""Training throughput of one recipe under named variants (reference vs the recipe's own fast path).
 
-Each variant is the recipe YAML with some keys overridden, run through the project's trainer (`FastSFTTrainer`) on a
-random-weight model of a real shape, over the real length mix (the recipe's prompt for the rows of an arena file),
-rows in a fixed shuffled order so every variant trains on the same rows per step. Steps after the warm-up are timed.
+Each variant is the recipe YAML with some keys overridden, run through the project's trainer (`ArenaSFTTrainer`) on a
+random-weight model of a real shape, over the real length mix (the recipe's prompt for the rows of an arena file).
+With TRL's packing the rows per optimiser step vary a little, so every step's real (non-padding) tokens and rows are
+counted from the batches the trainer actually ran. Steps after the warm-up that compiled nothing are timed.
 """
 
 import json
@@ -16,28 +17,29 @@ import torch
 import yaml
 from transformers import TrainerCallback
 
-from ..fast import FastSFTTrainer
-from ..model import release_memory
+from accelerate.utils.memory import clear_device_cache
+
+from lmsys_trl.trainer import ArenaSFTTrainer
 
 
 # The 38th-place recipe as measured in issue 5: batch 1 x 16 accumulation, no checkpointing, no packing, the model's
 # attention (eager for gemma-2), full-vocabulary logits at every position (`FullLogitsTrainer`).
 REFERENCE = {
-    "per_device_train_batch_size": 1, "gradient_accumulation_steps": 16, "gradient_checkpointing": False,
-    "pack_token_budget": None, "pad_to_multiple_of": None, "flex_attention": False, "checkpointed_layers": 1.0,
-    "use_liger_kernel": False, "compile_layers": False,
+    "per_device_train_batch_size": 1, "gradient_accumulation_steps": 16, "activation_checkpointing": False,
+    "packing": False, "padding_free": False, "pad_to_multiple_of": None, "use_liger_kernel": False,
+    "torch_compile": False, "attn_implementation": "REFERENCE_ATTENTION", "max_length": "ROW_MAX_LENGTH",
 }
 
 
 def length_mix(data_file: str, tokenizer, max_length: int):
     """The recipe's training records for the rows of `data_file` (their token lengths are the real mix)."""
-    from ..data import load_arena
-    from ..formatting import format_dataset
+    from lmsys_trl.data import load_arena
+    from lmsys_trl.formatting import format_dataset
 
     return format_dataset(load_arena([data_file]), tokenizer, max_length, "train")
 
 
-def quantize_nf4(model, double_quant: bool = True, quant_type: str = "nf4"):
+def quantize_nf4(model, double_quant: bool = True, quant_type: str = "nf4", quant_storage=torch.uint8):
     """Replace the decoder's `nn.Linear` layers by bitsandbytes 4-bit ones in place, as `load_in_4bit` loading does."""
     import bitsandbytes as bnb
 
@@ -50,7 +52,8 @@ def quantize_nf4(model, double_quant: bool = True, quant_type: str = "nf4"):
                 compress_statistics=double_quant, quant_type=quant_type, device="meta",
             )
             weight = bnb.nn.Params4bit(
-                child.weight.data, requires_grad=False, compress_statistics=double_quant, quant_type=quant_type
+                child.weight.data, requires_grad=False, compress_statistics=double_quant, quant_type=quant_type,
+                quant_storage=quant_storage,
             )
             layer.weight = weight.to(child.weight.device)  # quantizes on the way to the GPU
             setattr(parent, name, layer)
@@ -62,21 +65,25 @@ def build_model(shape: str, tokenizer, model_args, device: str, num_layers: int 
     """A random-weight model of `shape` (configs in `lmsys_trl.shapes`), 4-bit when the recipe says `load_in_4bit`."""
     from transformers import AutoModelForCausalLM
 
-    from ..model import resolve_dtype
-    from ..shapes import model_config
+    from shapes import model_config
 
+    from lmsys_trl.model import FLEX_ATTENTION, register_flex_attention
+
+    if model_args.attn_implementation == FLEX_ATTENTION:
+        register_flex_attention()
     config = model_config(shape, tokenizer, num_layers)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(
-            config, dtype=resolve_dtype(model_args.dtype), attn_implementation=model_args.attn_implementation
+            config, dtype=getattr(torch, model_args.dtype), attn_implementation=model_args.attn_implementation
         )
     if model_args.load_in_4bit:
-        quantize_nf4(model, model_args.use_bnb_nested_quant, model_args.bnb_4bit_quant_type)
+        storage = getattr(torch, model_args.bnb_4bit_quant_storage or "uint8")  # bfloat16 under ZeRO-3 / FSDP
+        quantize_nf4(model, model_args.use_bnb_nested_quant, model_args.bnb_4bit_quant_type, storage)
     return model
 
 
-class FullLogitsTrainer(FastSFTTrainer):
+class FullLogitsTrainer(ArenaSFTTrainer):
     """The reference's loss: the model's own forward, logits over the whole vocabulary at every position."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -84,11 +91,26 @@ class FullLogitsTrainer(FastSFTTrainer):
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
 
-class InOrder:
-    """Mixin: rows in dataset order, so that step k of every variant trains on the same rows."""
+class Counting:
+    """Mixin: batches in dataset order, and the real tokens / rows of every micro-batch it trains on."""
 
     def _get_train_sampler(self, train_dataset=None):
         return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.counted.append(real_tokens_and_rows(inputs))
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def real_tokens_and_rows(batch: dict) -> tuple[int, int]:
+    """(non-padding tokens, rows) of a collated batch: padded (attention mask) or padding-free / packed (position ids
+    restart at 0 for each row; the padding after the rows is a run of position 0s, none followed by a 1)."""
+    if "attention_mask" in batch:
+        mask = batch["attention_mask"]
+        return int(mask.sum()), int(mask.shape[0])
+    positions = batch["position_ids"].flatten()
+    starts = int(((positions[:-1] == 0) & (positions[1:] == 1)).sum())
+    return int((positions > 0).sum()) + starts, starts
 
 
 def compiled_graphs() -> int:
@@ -132,11 +154,17 @@ def variant_config(recipe: str, overrides: dict, output_dir: str, max_steps: int
     """(training_args, model_args) of `recipe` with `overrides` (None = back to the default) and benchmark settings."""
     from trl import ModelConfig
 
-    from ..configs import ArenaScriptArguments, parse
-    from ..fast import FastSFTConfig
+    from lmsys_trl.configs import ArenaScriptArguments, parse
+    from lmsys_trl.training import adapt_to_launch
+    from lmsys_trl.trainer import ArenaSFTConfig
 
     with open(recipe) as f:
         keys = yaml.safe_load(f)
+    overrides = dict(overrides)
+    if overrides.get("attn_implementation") == "REFERENCE_ATTENTION":  # the reference: eager gemma-2, sdpa llama
+        overrides["attn_implementation"] = "eager" if "gemma" in keys["model_name_or_path"] else "sdpa"
+    if overrides.get("max_length") == "ROW_MAX_LENGTH":  # unpacked rows: max_length is one row's budget
+        overrides["max_length"] = keys.get("row_max_length") or keys["max_length"]
     keys.update(overrides)
     keys.update(
         output_dir=output_dir, max_steps=max_steps, save_strategy="no", eval_strategy="no", report_to="none",
@@ -146,7 +174,8 @@ def variant_config(recipe: str, overrides: dict, output_dir: str, max_steps: int
     path = os.path.join(output_dir, "recipe.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(keys, f)
-    _, training_args, model_args = parse((ArenaScriptArguments, FastSFTConfig, ModelConfig), [path])
+    script_args, training_args, model_args = parse((ArenaScriptArguments, ArenaSFTConfig, ModelConfig), [path])
+    adapt_to_launch(script_args, training_args, model_args)  # as scripts/sft.py: rows per step, ZeRO-3 storage
     return training_args, model_args
 
 
@@ -161,10 +190,10 @@ def run_variant(name, overrides, recipe, shape, tokenizer, records, warmup: int,
         training_args, model_args = variant_config(recipe, overrides, out, total_steps)
         if device == "cpu":
             training_args.use_cpu, training_args.bf16 = True, False
-        rows_per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-        needed = total_steps * rows_per_step
+        micro_batches = training_args.gradient_accumulation_steps
         dataset = records.shuffle(seed=0)
-        while len(dataset) < needed:
+        rows_needed = total_steps * training_args.per_device_train_batch_size * micro_batches * 12  # packed: ~8/seq
+        while len(dataset) < rows_needed:
             from datasets import concatenate_datasets
 
             dataset = concatenate_datasets([dataset, records.shuffle(seed=len(dataset))])
@@ -174,42 +203,45 @@ def run_variant(name, overrides, recipe, shape, tokenizer, records, warmup: int,
             target_modules=model_args.lora_target_modules, task_type=model_args.lora_task_type,
         )
         trainer_class = type(
-            "BenchTrainer", (InOrder, FullLogitsTrainer if name == "reference" else FastSFTTrainer), {}
+            "BenchTrainer", (Counting, FullLogitsTrainer if name == "reference" else ArenaSFTTrainer), {}
         )
         clock = StepClock(warmup + steps if profile else None)
         trainer = trainer_class(
-            model, training_args, train_dataset=dataset.select(range(needed)), processing_class=tokenizer,
+            model, training_args, train_dataset=dataset.select(range(rows_needed)), processing_class=tokenizer,
             peft_config=lora, callbacks=[clock],
         )
-        lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+        trainer.counted = []
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
         durations = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
         compiled = [b != a for a, b in zip(clock.graphs, clock.graphs[1:])]
-        # timed: the steps after the warm-up that compiled nothing (a micro-batch shape first seen late compiles)
+        # timed: the steps after the warm-up that compiled nothing (a shape first seen late compiles)
         timed = [k for k in range(warmup, warmup + steps) if not compiled[k]]
         if not timed:
             raise RuntimeError(f"every timed step of {name} compiled something: raise --warmup / --steps")
+        per_step = [trainer.counted[k * micro_batches:(k + 1) * micro_batches] for k in range(len(durations))]
         seconds = sum(durations[k] for k in timed)
-        tokens = sum(sum(lengths[k * rows_per_step : (k + 1) * rows_per_step]) for k in timed)
+        tokens = sum(t for k in timed for t, _ in per_step[k])
+        rows = sum(r for k in timed for _, r in per_step[k])
         result = {
             "variant": name,
             "tokens_per_s": round(tokens / seconds, 1),
-            "rows_per_s": round(len(timed) * rows_per_step / seconds, 3),
+            "rows_per_s": round(rows / seconds, 3),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if device == "cuda" else None,
             "step_seconds": [round(d, 3) for d in durations],
             "timed_steps": timed,
             "timed_tokens": tokens,
-            "rows_per_step": rows_per_step,
+            "rows_per_step": round(rows / len(timed), 2),
+            "world_size": trainer.accelerator.num_processes,
             "overrides": overrides,
         }
         if clock.profiler is not None:
             sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
             result["profile"] = clock.profiler.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60)
         del trainer, model
-        release_memory()
+        clear_device_cache(garbage_collection=True)
     return result
 
 
@@ -231,8 +263,9 @@ def append_result(path: str, shape: str, result: dict, command: str, mode: str =
 
 def describe_mix(records, tokenizer) -> str:
     """Median / p90 / max token length of the records (the chat template rendered as the trainer does)."""
-    from ..formatting import chat_token_ids
+    from lmsys_trl.formatting import chat_token_ids
 
     lengths = sorted(len(chat_token_ids(tokenizer, r)) for r in records)
     p90 = lengths[int(0.9 * (len(lengths) - 1))]
     return f"{len(lengths)} rows, median {statistics.median(lengths):.0f}, p90 {p90}, max {lengths[-1]} tokens"
+

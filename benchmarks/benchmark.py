@@ -3,22 +3,22 @@
 `train` mode runs the reference recipe (issue 5: batch 1 x 16, eager, full logits, no checkpointing) and the recipe's
 own default (its fast-path keys) in one process, on the same rows, prints tokens/s, rows/s, peak GiB and the ratio,
 and appends one JSON line per variant to benchmarks/results.jsonl. Further variants: `--variant NAME key=value ...`.
-`infer` mode does the same for scoring (`lmsys_trl.speed.infer_bench`): the reference (4-bit + LoRA, eager, batches
+`infer` mode does the same for scoring (`benchmarks/infer_bench.py`): the reference (4-bit + LoRA, eager, batches
 of 4 left-padded rows) vs `scripts/eval.py`'s defaults, plus `max_abs_prob_diff` against a plain unbatched forward;
 on random weights of a real shape (`--shape`), or on real trained weights (`--base_model` [+ `--adapters`]: kernel
 parity where rounding is not amplified by random weights).
 `precision` mode scores a real model + adapters at several precisions on the same labelled rows: each one's log loss
-and its paired difference to a baseline precision (`lmsys_trl.speed.precision_study`; benchmarks/precision.jsonl).
+and its paired difference to a baseline precision (`benchmarks/precision_study.py`; benchmarks/precision.jsonl).
 
 Usage (GPU, from the repo root):
-    python scripts/benchmark.py train --shape gemma-2-9b --recipe recipes/gemma2_9b.yaml \
+    python benchmarks/benchmark.py train --shape gemma-2-9b --recipe recipes/gemma2_9b.yaml \
         --tokenizer ../shared/tokenizers/gemma-2 --data ../shared/data/lmsys_arena_sample100.csv
-    python scripts/benchmark.py train --shape gemma-2-9b --recipe recipes/gemma2_9b.yaml ... \
+    python benchmarks/benchmark.py train --shape gemma-2-9b --recipe recipes/gemma2_9b.yaml ... \
         --variant full-ckpt checkpointed_layers=1.0 --variant no-liger use_liger_kernel=false
-    python scripts/benchmark.py infer --shape gemma-2-9b --max_length 1900 \
+    python benchmarks/benchmark.py infer --shape gemma-2-9b --max_length 1900 \
         --tokenizer ../shared/tokenizers/gemma-2 --data ../shared/data/lmsys_arena_sample100.csv \
         --variant fp8 precision=fp8 --variant default-tta swap_tta=true
-    python scripts/benchmark.py infer --base_model models/smollm2-135m-instruct --adapters out/demo \
+    python benchmarks/benchmark.py infer --base_model models/smollm2-135m-instruct --adapters out/demo \
         --data ../shared/data/pandalm_test.csv --max_length 512 --variant bf16 precision=bf16 pack_rows=true ...
 Variant keys: `EvalArguments` scoring keys (precision, pack_rows, token_budget, attn_implementation, merge_adapters,
 compile_layers, ...) and `swap_tta=true` (every pass also scores the A/B-swapped rows; rows/s counts arena rows).
@@ -50,7 +50,7 @@ def command_line() -> str:
 def run_variants(args, variants: dict, measure, mode: str, model: str | None = None) -> dict:
     """Measure each variant (`measure(name, overrides)` -> result), append its JSON line (its "model": `model`, by
     default `args.shape`), print the comparison."""
-    from lmsys_trl.speed.train_bench import append_result
+    from train_bench import append_result
 
     if args.only:  # in the order given
         variants = {k: variants[k] for k in args.only if k in variants}
@@ -88,10 +88,11 @@ def run_variants(args, variants: dict, measure, mode: str, model: str | None = N
 
 def train(args):
     from lmsys_trl.model import load_tokenizer
-    from lmsys_trl.speed.train_bench import REFERENCE, describe_mix, length_mix, run_variant
+    from train_bench import REFERENCE, describe_mix, length_mix, run_variant
 
     with open(args.recipe) as f:
-        max_length = yaml.safe_load(f)["max_length"]
+        keys = yaml.safe_load(f)
+    max_length = keys.get("row_max_length") or keys["max_length"]
     tokenizer = load_tokenizer(args.tokenizer)
     records = length_mix(args.data, tokenizer, max_length)
     print(f"length mix: {describe_mix(records, tokenizer)} (max_length {max_length})", flush=True)
@@ -113,7 +114,7 @@ def infer(args):
 
     from lmsys_trl.data import load_arena
     from lmsys_trl.score import encode_rows, load_scoring_tokenizer
-    from lmsys_trl.speed.infer_bench import REFERENCE, build_scoring_model, load_trained_model, run_variant
+    from infer_bench import REFERENCE, build_scoring_model, load_trained_model, run_variant
 
     if args.base_model:  # real weights: the model's own tokenizer
         tokenizer = load_scoring_tokenizer(args.base_model)
@@ -142,8 +143,8 @@ def infer(args):
 
 
 def precision(args):
-    from lmsys_trl.speed.precision_study import compare_precisions
-    from lmsys_trl.speed.train_bench import append_result
+    from precision_study import compare_precisions
+    from train_bench import append_result
 
     command = command_line()
     results = compare_precisions(args.base_model, args.adapters, args.data, args.max_length, args.precisions,
@@ -171,7 +172,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = parser.add_subparsers(dest="mode", required=True)
     p = modes.add_parser("train", help="training tokens/s: reference vs the recipe's default (and --variant ...)")
-    p.add_argument("--shape", required=True, help="gemma-2-9b, gemma-2-2b, llama-3.1-8b (lmsys_trl.shapes)")
+    p.add_argument("--shape", required=True, help="gemma-2-9b, gemma-2-2b, llama-3.1-8b (benchmarks/shapes.py)")
     p.add_argument("--recipe", required=True, help="training recipe YAML whose keys are the 'default' variant")
     p.add_argument("--tokenizer", required=True, help="tokenizer folder of the shape's family")
     p.add_argument("--data", required=True, help="arena file whose rows give the length mix")
@@ -188,7 +189,7 @@ def main(argv=None):
     p.set_defaults(run=train)
     p = modes.add_parser("infer", help="scoring tokens/s: reference vs scripts/eval.py's defaults (and --variant ...)")
     model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--shape", help="random weights: gemma-2-9b, llama-3.1-8b, ..., *-tiny (lmsys_trl.shapes)")
+    model.add_argument("--shape", help="random weights: gemma-2-9b, llama-3.1-8b, ..., *-tiny (benchmarks/shapes.py)")
     model.add_argument("--base_model", help="real weights: local model folder, loaded as scripts/eval.py loads it")
     p.add_argument("--adapters", nargs="+", default=[], help="LoRA adapter folders of --base_model")
     p.add_argument("--tokenizer", help="tokenizer folder of the --shape's family (--base_model: its own tokenizer)")

@@ -55,7 +55,7 @@ def save_random_model(name: str, tokenizer_dir: str, out_dir: str, num_layers: i
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .model import load_tokenizer
+    from lmsys_trl.model import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
     torch.manual_seed(seed)
