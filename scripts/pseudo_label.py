@@ -29,7 +29,7 @@ class PseudoLabelArguments:
 
 def main(argv=None):
     from lmsys_trl.configs import parse
-    from lmsys_trl.distill import write_pseudo_labels
+    from lmsys_trl.pseudo_labels import write_pseudo_labels
 
     (args,) = parse((PseudoLabelArguments,), argv)
     rows = write_pseudo_labels(args.predictions, args.data, args.out, args.include_labelled, args.min_confidence)

@@ -1,4 +1,5 @@
-"""Soft labels, swap-consistent training, pseudo-labels and the attention-softcapping switch (lmsys_trl.distill)."""
+"""ArenaSFTTrainer (lmsys_trl.trainer): soft labels, swap-consistent training, A/B/C metrics; the teacher data
+(lmsys_trl.teachers), pseudo-labels (lmsys_trl.pseudo_labels) and the attention-softcapping switch."""
 
 import math
 from unittest import mock
@@ -10,19 +11,18 @@ import torch
 from conftest import ARENA_SAMPLE, KAGGLE_TEST, REPO
 
 from lmsys_trl.data import TEACHER_COLUMNS, WINNER_COLUMNS, DataError, load_arena, swap_row
-from lmsys_trl.distill import (
-    TEACHER_PROBS,
+from lmsys_trl.pseudo_labels import write_pseudo_labels
+from lmsys_trl.teachers import TEACHER_PROBS, attach_teachers, pair_with_swaps, with_teacher_probs
+from lmsys_trl.trainer import (
+    AnswerMetrics,
+    ArenaSFTConfig,
+    ArenaSFTTrainer,
     PairedSampler,
     SoftLabelCollator,
     answer_positions,
-    attach_teachers,
-    pair_with_swaps,
     soft_label_loss,
     symmetry_penalty,
-    with_teacher_probs,
-    write_pseudo_labels,
 )
-from lmsys_trl.fast import FastSFTConfig, FastSFTTrainer, PackingCollator
 
 
 MAX_LENGTH = 160
@@ -103,7 +103,7 @@ def test_teacher_files_join_predictions_parquet_by_id(tmp_path):
 
 
 def test_collators_put_each_rows_teacher_on_its_answer_position():
-    """Padded (TRL's collator) and packed (the fast path): the teacher at each answer position is that row's own."""
+    """Padded and padding-free (TRL's collator both): the teacher at each answer position is that row's own."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     examples = []
@@ -112,7 +112,8 @@ def test_collators_put_each_rows_teacher_on_its_answer_position():
         examples.append({"input_ids": list(range(2, length + 2)), "labels": labels,
                          TEACHER_PROBS: [i / 10, 1 - i / 10, 0.0]})
     padded = SoftLabelCollator(DataCollatorForLanguageModeling(pad_token_id=0))(examples)
-    packed = PackingCollator(pad_token_id=0, token_budget=16, pad_to_multiple_of=4)(examples)
+    packed = SoftLabelCollator(DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True, pad_to_multiple_of=8))(
+        examples)
     for batch in (padded, packed):
         assert batch[TEACHER_PROBS].shape == (*batch["input_ids"].shape, 3)
         rows, positions = answer_positions(batch["labels"])
@@ -120,7 +121,7 @@ def test_collators_put_each_rows_teacher_on_its_answer_position():
         for r, p in zip(rows, positions):
             i = int(batch["labels"][r, p + 1]) - 100  # the answer token names the example
             assert batch[TEACHER_PROBS][r, p].tolist() == pytest.approx(examples[i][TEACHER_PROBS])
-    assert sum(packed["micro_batch_lengths"]) == packed[TEACHER_PROBS].shape[1]
+    assert packed["input_ids"].shape == (1, 32)  # 25 tokens padded to a multiple of 8
 
 
 # ----------------------------------------------------------------------------------------------- loss
@@ -143,11 +144,11 @@ def test_soft_label_loss_and_symmetry_penalty_values():
 def config(tmp_path, **overrides):
     values = dict(
         output_dir=str(tmp_path / "out"), max_length=MAX_LENGTH, completion_only_loss=True, packing=False,
-        gradient_checkpointing=False, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+        activation_checkpointing=False, per_device_train_batch_size=2, gradient_accumulation_steps=1,
         learning_rate=5e-3, max_steps=1, lr_scheduler_type="constant", report_to="none", save_strategy="no",
         use_cpu=True, seed=0, logging_steps=1, dataloader_drop_last=False,
     )
-    return FastSFTConfig(**{**values, **overrides})
+    return ArenaSFTConfig(**{**values, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,7 @@ def trainer_for(model_path, tokenizer, train, args, peft=False):
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                       task_type="CAUSAL_LM") if peft else None
-    return FastSFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, peft_config=lora)
+    return ArenaSFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, peft_config=lora)
 
 
 def first_batch(trainer, size=None):
@@ -213,16 +214,17 @@ def test_weight_zero_equals_hard_path_and_mix_is_exact(rows, tiny_llama, tmp_pat
     assert math.isfinite(loss.item())
 
 
-def test_packed_fast_path_gives_the_padded_soft_label_loss(rows, tiny_llama, tmp_path):
+def test_padding_free_batches_give_the_padded_soft_label_loss(rows, tiny_llama, tmp_path):
     data, tokenizer = rows
-    args = config(tmp_path, soft_label_weight=0.5, pack_token_budget=512, pad_to_multiple_of=8)
+    padded_trainer = trainer_for(tiny_llama, tokenizer, formatted(data, tokenizer), config(tmp_path, soft_label_weight=0.5))
+    args = config(tmp_path, soft_label_weight=0.5, padding_free=True, pad_to_multiple_of=8, max_length=None)
     trainer = trainer_for(tiny_llama, tokenizer, formatted(data, tokenizer), args)
     trainer.model.train()
     dataset = trainer._remove_unused_columns(trainer.train_dataset)
     examples = [dataset[i] for i in range(2)]
-    packed = trainer._prepare_inputs(trainer.packing_collator(examples))
-    assert len(packed.pop("micro_batch_lengths")) == 1 and "attention_mask" not in packed  # both rows, one pass
-    padded = trainer._prepare_inputs(trainer.data_collator(examples))
+    packed = trainer._prepare_inputs(trainer.data_collator(examples))
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed  # both rows, one flat sequence
+    padded = padded_trainer._prepare_inputs(padded_trainer.data_collator(examples))
     loss_packed = trainer.compute_loss(trainer.model, packed)
     loss_padded = trainer.compute_loss(trainer.model, padded)
     assert loss_packed.item() == pytest.approx(loss_padded.item(), rel=1e-4)
@@ -261,12 +263,12 @@ def test_sft_script_trains_on_teacher_files_with_swap_pairs(tiny_llama, tmp_path
     spec = importlib.util.spec_from_file_location("sft_script", REPO / "scripts" / "sft.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    trainer, metrics = script.main([
+    trainer, metrics = script.main(*script.parse_args([
         str(REPO / "tests" / "recipes" / "tiny.yaml"), "--model_name_or_path", str(tiny_llama),
         "--output_dir", str(tmp_path / "out"), "--train_files", data, "--teacher_files", str(predictions),
         "--max_length", str(MAX_LENGTH), "--max_train_rows", "3", "--max_val_rows", "2", "--swap_augment", "0",
         "--swap_pairs", "true", "--soft_label_weight", "0.5", "--max_steps", "2",
-    ])
+    ]))
     train_ids = trainer.train_dataset["id"]
     assert len(train_ids) == 6 and train_ids[0::2] == train_ids[1::2]
     assert trainer.train_dataset[1][TEACHER_PROBS] == [TEACHER[1], TEACHER[0], TEACHER[2]]
@@ -335,7 +337,8 @@ def test_symmetry_penalty_enters_the_loss(rows, tiny_llama, tmp_path):
     [
         (dict(swap_pairs=True, per_device_train_batch_size=1, gradient_accumulation_steps=3), "even number of rows"),
         (dict(symmetry_weight=1.0), "needs swap_pairs"),
-        (dict(swap_pairs=True, symmetry_weight=1.0, pack_token_budget=256, pad_to_multiple_of=8), "padded batches"),
+        (dict(soft_label_weight=0.5, packing=True), "dataset-level packing"),
+        (dict(swap_pairs=True, packing=True), "dataset-level packing"),
         (dict(soft_label_weight=1.5), "soft_label_weight"),
     ],
 )
@@ -414,7 +417,7 @@ def test_softcapping_switch_reaches_the_attention_call(tiny_gemma):
 
 def test_scoring_loads_gemma_without_softcapping_when_asked(tiny_gemma):
     from lmsys_trl.model import DOT_PRODUCT_ATTENTION
-    from lmsys_trl.score import load_model
+    from lmsys_trl.model import load_model
 
     default = load_model(str(tiny_gemma), [], precision="fp32", device="cpu")
     assert default.config.attn_logit_softcapping == 50.0 and default.config._attn_implementation == "eager"
