@@ -1,13 +1,13 @@
 """Scoring throughput of named variants (the reference recipe vs `scripts/eval.py`'s defaults), same rows and weights.
 
 A variant is a set of `EvalArguments` scoring keys (`SCORING_KEYS`) over their defaults; each one scores the real
-length mix (the inference prompts of an arena file) with `score.score_token_rows`, the function `scripts/eval.py`
+length mix (the inference prompts of an arena file) with `scoring.score_token_rows`, the function `scripts/eval.py`
 runs, on a model built for the variant's settings: a random-weight model of a real shape (`build_scoring_model`:
 seed 0, so every variant has the same base weights, with a random LoRA-shaped adapter, r 32 / alpha 64 on q, k, v, o,
-seed 1) or a real trained model + adapters (`load_trained_model`, through `score.load_model` as `scripts/eval.py`).
+seed 1) or a real trained model + adapters (`load_trained_model`, through `model.load_model` as `scripts/eval.py`).
 Untimed warm-up passes come first (compilation); `max_abs_prob_diff` (and `mean_abs_prob_diff`, over rows and letters)
 compares the variant's A/B/C probabilities with a plain unbatched full forward of the same model
-(`score.plain_letter_logits`).
+(`scoring.plain_letter_logits`).
 """
 
 import tempfile
@@ -16,21 +16,12 @@ from dataclasses import fields
 
 import numpy as np
 import torch
+from accelerate.utils.memory import clear_device_cache
 
-from ..evaluation import EvalArguments
-from ..metrics import softmax
-from ..score import (
-    KBIT,
-    SCORING_KEYS,
-    LOAD_DTYPES,
-    load_model,
-    plain_forward,
-    plain_letter_logits,
-    prepare_for_scoring,
-    resolve_scoring,
-    score_token_rows,
-    scoring_attention_kwargs,
-)
+from lmsys_trl.evaluation import SCORING_KEYS, EvalArguments, resolve_scoring
+from lmsys_trl.metrics import softmax
+from lmsys_trl.model import KBIT, LOAD_DTYPES, attention_kwargs, letter_token_ids, load_model, prepare_for_scoring
+from lmsys_trl.scoring import plain_forward, plain_letter_logits, score_token_rows
 
 
 # The 38th-place recipe's scoring: 4-bit base + LoRA, eager attention, batches of 4 length-sorted left-padded rows,
@@ -58,12 +49,11 @@ def scoring_settings(overrides: dict, device: str) -> dict:
 
 def build_scoring_model(shape: str, tokenizer, settings: dict, device: str, num_layers: int | None = None):
     """Random-weight model of `shape` with a random LoRA adapter, at the variant's (resolved) settings and made ready
-    by `score.prepare_for_scoring`, as `score.load_model` does for real weights."""
+    by `model.prepare_for_scoring`, as `model.load_model` does for real weights."""
     from peft import LoraConfig, get_peft_model
+    from shapes import model_config
+    from train_bench import quantize_nf4
     from transformers import AutoModelForCausalLM
-
-    from ..shapes import model_config
-    from .train_bench import quantize_nf4
 
     precision = settings["precision"]
     if precision == "8bit":
@@ -71,7 +61,7 @@ def build_scoring_model(shape: str, tokenizer, settings: dict, device: str, num_
     config = model_config(shape, tokenizer, num_layers)
     with tempfile.TemporaryDirectory() as folder:  # the attention choice reads a saved config, as for a real model
         config.save_pretrained(folder)
-        attention = scoring_attention_kwargs(folder, settings["attn_implementation"], settings["attn_softcapping"])
+        attention = attention_kwargs(folder, settings["attn_implementation"], softcapping=settings["attn_softcapping"])
     attn_implementation = attention.pop("attn_implementation")
     for key, value in attention.items():  # config overrides (softcapping off)
         setattr(config, key, value)
@@ -87,7 +77,7 @@ def build_scoring_model(shape: str, tokenizer, settings: dict, device: str, num_
 
 
 def load_trained_model(base_model: str, adapters: list[str], settings: dict, device: str):
-    """A real base model + LoRA adapters loaded by `score.load_model` (as `scripts/eval.py` loads it) at the variant's
+    """A real base model + LoRA adapters loaded by `model.load_model` (as `scripts/eval.py` loads it) at the variant's
     resolved settings."""
     return load_model(
         base_model, adapters, settings["precision"], device, settings["attn_implementation"],
@@ -107,8 +97,6 @@ def run_variant(name: str, overrides: dict, build_model, tokenizer, rows: list[l
     """Score `rows` (and `swapped_rows` too with the variant key `swap_tta`) `warmup_passes` (untimed) + `passes`
     (timed) times under one variant, on `build_model(settings, device)` (e.g. a partial of `build_scoring_model` or
     `load_trained_model`); its measured numbers. `rows_per_s` counts arena rows (a row and its swap: one)."""
-    from ..model import letter_token_ids, release_memory
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = scoring_settings(overrides, device)
     tta = bool(overrides.get("swap_tta"))
@@ -160,5 +148,5 @@ def run_variant(name: str, overrides: dict, build_model, tokenizer, rows: list[l
         "overrides": overrides,
     }
     model = None  # (the score() closure holds it too) free the GPU memory before the next variant
-    release_memory()
+    clear_device_cache(garbage_collection=True)
     return result

@@ -2,9 +2,9 @@
 unbatched full forward of the same random weights, for gemma-2 and llama-3.1 shapes built from configs in code.
 
 Usage:
-    python scripts/parity.py --tokenizers ../shared/tokenizers --data ../shared/data/lmsys_arena_sample100.csv
+    python benchmarks/parity.py --tokenizers ../shared/tokenizers --data ../shared/data/lmsys_arena_sample100.csv
     # GPU, real shapes (random gemma-2-9b / Llama-3.1-8B weights in bf16, ~18 GB each, one at a time):
-    python scripts/parity.py --shapes gemma-2-9b llama-3.1-8b --tokenizers .device/tokenizers \
+    python benchmarks/parity.py --shapes gemma-2-9b llama-3.1-8b --tokenizers .device/tokenizers \
         --data .device/data/lmsys_arena_sample100.csv --max_length 1900 --out $OUT/parity.jsonl
 Exits 1 when a shape's max |p_batched - p_plain| exceeds --tolerance. Prints (and appends to --out) JSON lines.
 """
@@ -18,7 +18,7 @@ class ParityArguments:
     data: str = field(default="../shared/data/lmsys_arena_sample100.csv", metadata={"help": "Arena rows to format."})
     shapes: list[str] = field(
         default_factory=lambda: ["gemma-2-tiny", "llama-3.1-tiny"],
-        metadata={"help": "Shapes of lmsys_trl.shapes.SHAPES, e.g. gemma-2-9b llama-3.1-8b (GPU) or the tiny ones."},
+        metadata={"help": "Shapes of benchmarks/shapes.py, e.g. gemma-2-9b llama-3.1-8b (GPU) or the tiny ones."},
     )
     rows: int = field(default=32, metadata={"help": "Rows to compare (varied lengths: the first N of --data)."})
     max_length: int = field(default=256, metadata={"help": "Inference max length of the formatted rows."})
@@ -30,11 +30,10 @@ class ParityArguments:
 
 
 def build_model(shape: str, tokenizer, dtype, device):
-    """A random-weight model of `shape` (lmsys_trl.shapes), eager attention for gemma-2 (softcapping)."""
+    """A random-weight model of `shape` (benchmarks/shapes.py), eager attention for gemma-2 (softcapping)."""
     import torch
+    from shapes import family_of, model_config
     from transformers import AutoModelForCausalLM
-
-    from lmsys_trl.shapes import family_of, model_config
 
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(
@@ -49,12 +48,12 @@ def main(argv=None) -> list[dict]:
     import os
 
     import torch
+    from accelerate.utils.memory import clear_device_cache
+    from shapes import family_of
     from transformers import HfArgumentParser
 
     from lmsys_trl.data import load_arena
-    from lmsys_trl.model import release_memory
-    from lmsys_trl.score import load_scoring_tokenizer, parity_check
-    from lmsys_trl.shapes import family_of
+    from lmsys_trl.scoring import load_scoring_tokenizer, parity_check
 
     (args,) = HfArgumentParser(ParityArguments).parse_args_into_dataclasses(args=argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -79,7 +78,7 @@ def main(argv=None) -> list[dict]:
             with open(args.out, "a") as f:
                 f.write(json.dumps(result) + "\n")
         del model
-        release_memory()
+        clear_device_cache(garbage_collection=True)
     return results
 
 

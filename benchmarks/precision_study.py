@@ -1,16 +1,17 @@
 """Log loss of one (base model + adapters) scored at several precisions on the same labelled rows (issue 6, part 2).
 
-Each precision loads the model through `score.load_model` (fp8: adapters merged, then linear layers in FP8) and scores
-the rows with `score.score_token_rows`; the log loss (Kaggle clipping), accuracy and the paired per-row difference of
+Each precision loads the model through `model.load_model` (fp8: adapters merged, then linear layers in FP8) and scores
+the rows with `scoring.score_token_rows`; the log loss (Kaggle clipping), accuracy and the paired per-row difference of
 log loss against a baseline precision (mean and standard error) come out as one dict per precision.
 """
 
 import numpy as np
+from accelerate.utils.memory import clear_device_cache
 
-from ..data import load_arena
-from ..metrics import accuracy, log_loss, row_log_loss, softmax
-from ..model import letter_token_ids, release_memory
-from ..score import KBIT, encode_rows, load_model, load_scoring_tokenizer, score_token_rows
+from lmsys_trl.data import load_arena
+from lmsys_trl.metrics import accuracy, log_loss, row_log_loss, softmax
+from lmsys_trl.model import KBIT, letter_token_ids, load_model
+from lmsys_trl.scoring import encode_rows, load_scoring_tokenizer, score_token_rows
 
 
 def compare_precisions(base_model: str, adapters: list[str], data: str, max_length: int, precisions: list[str],
@@ -33,7 +34,7 @@ def compare_precisions(base_model: str, adapters: list[str], data: str, max_leng
                                   token_budget, desc=f"Scoring ({precision})")
         probs[precision] = softmax(logits, temperature)
         del model
-        release_memory()
+        clear_device_cache(garbage_collection=True)
     base_losses = row_log_loss(probs[baseline], labels)
     results = []
     for precision, p in probs.items():

@@ -1,14 +1,15 @@
 """Save a random-weight model of a real shape (gemma-2-9b, gemma-2-2b, llama-3.1-8b) for GPU smoke runs.
 
 Usage:
-    python scripts/random_model.py --shape gemma-2-9b --num_layers 4 --tokenizer .device/tokenizers/gemma-2 --out /tmp/g9
+    python benchmarks/random_model.py --shape gemma-2-9b --num_layers 4 --tokenizer .device/tokenizers/gemma-2 \
+        --out /tmp/g9
 """
 
 import argparse
 
 
 def main(argv=None):
-    from lmsys_trl.shapes import SHAPES, save_random_model
+    from shapes import SHAPES, save_random_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", required=True, choices=sorted(SHAPES))

@@ -1,4 +1,4 @@
-"""`scripts/benchmark.py infer --base_model`: the scoring benchmark on real (saved) weights + adapters, CPU."""
+"""`benchmarks/benchmark.py infer --base_model`: the scoring benchmark on real (saved) weights + adapters, CPU."""
 
 import json
 import math
@@ -6,15 +6,18 @@ import runpy
 
 import pytest
 import torch
-
 from conftest import PANDALM, REPO
 
 
 @pytest.fixture(scope="module")
 def benchmark_main():
-    return runpy.run_path(str(REPO / "scripts" / "benchmark.py"))["main"]
+    """`benchmarks/benchmark.py`'s main, with benchmarks/ on sys.path as when it runs as a script."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(REPO / "benchmarks"))
+        yield runpy.run_path(str(REPO / "benchmarks" / "benchmark.py"))["main"]
 
 
+@pytest.mark.slow
 def test_infer_on_a_saved_model_and_adapter(benchmark_main, tiny_llama, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

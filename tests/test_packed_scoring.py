@@ -101,31 +101,3 @@ def test_pack_rows_key_scores_like_the_padded_path(arena_rows, tiny_llama, tmp_p
         EvalArguments(**common, token_budget=200, pack_rows=True)
     with pytest.raises(ValueError, match="max_batch_size limits padded batches"):
         EvalArguments(**common, max_batch_size=4, pack_rows=True)
-
-
-@pytest.mark.slow
-def test_benchmark_infer_subcommand_on_cpu(tmp_path):
-    import importlib.util
-    import json
-
-    from conftest import REPO, TOKENIZERS
-
-    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
-    results = tmp_path / "results.jsonl"
-    benchmark.main([
-        "infer", "--shape", "llama-3.1-tiny", "--tokenizer", str(TOKENIZERS / "llama-3.1"),
-        "--data", str(ARENA_SAMPLE),
-        "--max_length", "256", "--rows", "6", "--parity_rows", "3", "--results", str(results),
-        "--variant", "packed", "pack_rows=true", "token_budget=512",
-    ])
-    lines = {line["variant"]: line for line in map(json.loads, results.read_text().splitlines())}
-    assert list(lines) == ["reference", "default", "packed"]
-    for line in lines.values():
-        assert {"date", "device", "model", "mode", "tokens_per_s", "rows_per_s", "peak_gib", "command"} <= set(line)
-        assert line["mode"] == "infer" and line["model"] == "llama-3.1-tiny" and line["timed_rows"] == 6
-        assert line["tokens_per_s"] > 0 and line["parity_rows"] == 3 and line["max_abs_prob_diff"] < 1e-5
-    assert lines["reference"]["settings"]["max_batch_size"] == 4 and lines["reference"]["precision"] == "fp32"  # CPU
-    assert lines["default"]["settings"]["pack_rows"] is False and lines["packed"]["settings"]["pack_rows"] is True
-    assert len({line["timed_tokens"] for line in lines.values()}) == 1  # the same rows in every variant

@@ -1,14 +1,21 @@
-"""`scripts/benchmark.py precision`: log loss of one model at several precisions on the same labelled rows."""
+"""`benchmarks/benchmark.py precision`: log loss of one model at several precisions on the same labelled rows."""
 
-import importlib.util
 import json
+import runpy
 
 import numpy as np
 import pytest
-
 from conftest import KAGGLE_TEST, PANDALM, REPO
+
 from lmsys_trl.metrics import log_loss, row_log_loss
-from lmsys_trl.speed.precision_study import compare_precisions
+
+
+@pytest.fixture(scope="module")
+def benchmarks():
+    """Import benchmark modules as `benchmarks/benchmark.py` does (benchmarks/ on sys.path)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(REPO / "benchmarks"))
+        yield patch
 
 
 def test_row_log_loss_averages_to_the_log_loss():
@@ -19,12 +26,10 @@ def test_row_log_loss_averages_to_the_log_loss():
     assert rows.mean() == pytest.approx(log_loss(probs, labels))
 
 
-def test_precision_mode_compares_with_the_baseline(tiny_llama, tmp_path):
-    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+def test_precision_mode_compares_with_the_baseline(benchmarks, tiny_llama, tmp_path):
+    main = runpy.run_path(str(REPO / "benchmarks" / "benchmark.py"))["main"]
     results = tmp_path / "precision.jsonl"
-    benchmark.main([
+    main([
         "precision", "--base_model", str(tiny_llama), "--data", str(PANDALM), "--max_length", "128", "--rows", "8",
         "--precisions", "fp32", "bf16", "fp8", "--baseline", "fp32", "--results", str(results),
     ])
@@ -37,7 +42,9 @@ def test_precision_mode_compares_with_the_baseline(tiny_llama, tmp_path):
         assert line["delta_log_loss"] == pytest.approx(line["log_loss"] - lines["fp32"]["log_loss"], abs=1e-9)
 
 
-def test_unlabelled_rows_are_refused(tiny_llama):
+def test_unlabelled_rows_are_refused(benchmarks, tiny_llama):
+    from precision_study import compare_precisions
+
     with pytest.raises(ValueError, match="needs labelled rows"):
         compare_precisions(str(tiny_llama), [], str(KAGGLE_TEST), 128, ["fp32"], "fp32", rows=2)
     with pytest.raises(ValueError, match="baseline 'bf16' must be one of"):
