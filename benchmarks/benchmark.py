@@ -104,7 +104,7 @@ def train(args):
         return run_variant(
             name, overrides, args.recipe, args.shape, tokenizer, records,
             args.reference_warmup if reference else args.warmup, args.reference_steps if reference else args.steps,
-            args.num_layers, profile=args.profile and name == "default",
+            args.num_layers, profile=args.profile and name == "default", model_dir=args.model_dir,
         )
 
     return run_variants(args, variants, measure, "train")
@@ -185,6 +185,8 @@ def main(argv=None):
     p.add_argument("--reference_warmup", type=int, default=1)
     p.add_argument("--reference_steps", type=int, default=2)
     p.add_argument("--num_layers", type=int, default=None, help="fewer layers than the real shape (CPU debugging)")
+    p.add_argument("--model_dir", default=None, help="load the --shape model saved here by benchmarks/random_model.py "
+                   "through from_pretrained, as scripts/sft.py does (needed under ZeRO-3)")
     p.add_argument("--profile", action="store_true", help="profile one extra step of the default variant")
     p.add_argument("--profile_out", default=None, help="write the profiler table to this file")
     p.add_argument("--results", default="benchmarks/results.jsonl")

@@ -15,9 +15,8 @@ from datetime import datetime, timezone
 
 import torch
 import yaml
-from transformers import TrainerCallback
-
 from accelerate.utils.memory import clear_device_cache
+from transformers import TrainerCallback
 
 from lmsys_trl.trainer import ArenaSFTTrainer
 
@@ -61,16 +60,30 @@ def quantize_nf4(model, double_quant: bool = True, quant_type: str = "nf4", quan
     return model
 
 
-def build_model(shape: str, tokenizer, model_args, device: str, num_layers: int | None = None):
-    """A random-weight model of `shape` (configs in `lmsys_trl.shapes`), 4-bit when the recipe says `load_in_4bit`."""
-    from transformers import AutoModelForCausalLM
-
+def build_model(shape: str, tokenizer, model_args, device: str, num_layers: int | None = None,
+                model_dir: str | None = None):
+    """A random-weight model of `shape` (configs in `benchmarks/shapes.py`), 4-bit when the recipe says
+    `load_in_4bit`; with `model_dir` (a model saved by `benchmarks/random_model.py`) loaded as scripts/sft.py loads
+    it (TRL's quantization config, `from_pretrained`): the only way under ZeRO-3, whose `zero.Init` partitions
+    the weights while they load."""
     from shapes import model_config
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     from lmsys_trl.model import FLEX_ATTENTION, register_flex_attention
 
     if model_args.attn_implementation == FLEX_ATTENTION:
         register_flex_attention()
+    if model_dir:
+        from trl import get_quantization_config
+
+        kwargs = {"quantization_config": get_quantization_config(model_args)}
+        if not is_deepspeed_zero3_enabled():
+            kwargs["device_map"] = {"": torch.cuda.current_device() if device == "cuda" else device}
+        return AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=getattr(torch, model_args.dtype), attn_implementation=model_args.attn_implementation,
+            **kwargs,
+        )
     config = model_config(shape, tokenizer, num_layers)
     torch.manual_seed(0)
     with torch.device(device):
@@ -155,8 +168,8 @@ def variant_config(recipe: str, overrides: dict, output_dir: str, max_steps: int
     from trl import ModelConfig
 
     from lmsys_trl.configs import ArenaScriptArguments, parse
-    from lmsys_trl.training import adapt_to_launch
     from lmsys_trl.trainer import ArenaSFTConfig
+    from lmsys_trl.training import adapt_to_launch
 
     with open(recipe) as f:
         keys = yaml.safe_load(f)
@@ -180,7 +193,7 @@ def variant_config(recipe: str, overrides: dict, output_dir: str, max_steps: int
 
 
 def run_variant(name, overrides, recipe, shape, tokenizer, records, warmup: int, steps: int, num_layers=None,
-                profile: bool = False) -> dict:
+                profile: bool = False, model_dir: str | None = None) -> dict:
     """Train `warmup + steps` (+1 profiled) optimiser steps of one variant; returns its measured numbers."""
     from peft import LoraConfig
 
@@ -197,7 +210,7 @@ def run_variant(name, overrides, recipe, shape, tokenizer, records, warmup: int,
             from datasets import concatenate_datasets
 
             dataset = concatenate_datasets([dataset, records.shuffle(seed=len(dataset))])
-        model = build_model(shape, tokenizer, model_args, device, num_layers)
+        model = build_model(shape, tokenizer, model_args, device, num_layers, model_dir)
         lora = LoraConfig(
             r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
             target_modules=model_args.lora_target_modules, task_type=model_args.lora_task_type,
@@ -235,11 +248,13 @@ def run_variant(name, overrides, recipe, shape, tokenizer, records, warmup: int,
             "timed_tokens": tokens,
             "rows_per_step": round(rows / len(timed), 2),
             "world_size": trainer.accelerator.num_processes,
+            "launcher": launcher_name(trainer.accelerator),
             "overrides": overrides,
         }
         if clock.profiler is not None:
             sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
-            result["profile"] = clock.profiler.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60)
+            table = clock.profiler.key_averages().table
+            result["profile"] = table(sort_by=sort, row_limit=30, max_name_column_width=60)
         del trainer, model
         clear_device_cache(garbage_collection=True)
     return result
@@ -269,3 +284,13 @@ def describe_mix(records, tokenizer) -> str:
     p90 = lengths[int(0.9 * (len(lengths) - 1))]
     return f"{len(lengths)} rows, median {statistics.median(lengths):.0f}, p90 {p90}, max {lengths[-1]} tokens"
 
+
+def launcher_name(accelerator) -> str:
+    """single / ddp / zero2 / zero3 / fsdp: how `accelerate launch` ran this process."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return f"zero{accelerator.state.deepspeed_plugin.zero_stage}"
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return "fsdp"
+    return "ddp" if accelerator.num_processes > 1 else "single"
