@@ -56,6 +56,8 @@ class ArenaScriptArguments(ScriptArguments):
     )
 
     def __post_init__(self):
+        if self.dataset_name:
+            raise ValueError(f"dataset_name ({self.dataset_name}) is not read by scripts/sft.py: give --train_files")
         if not self.train_files:
             raise ValueError("train_files is required: one or more arena data files (e.g. data/train.csv)")
         if not 0 < self.val_fraction < 1:
@@ -67,12 +69,23 @@ class ArenaScriptArguments(ScriptArguments):
 def parse(dataclass_types, argv: list[str] | None = None):
     """Parse dataclasses with `TrlParser`; a YAML file as the first argument means `--config <file>`.
 
-    Precedence: dataclass defaults < YAML < command line.
+    Precedence: dataclass defaults < YAML < command line. Flags are never abbreviated (`--max_row` is not
+    `--max_rows`); a missing recipe file or an unknown key in it is a checked error naming the file.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].endswith((".yaml", ".yml")):
         argv.insert(0, "--config")
-    return TrlParser(dataclass_types).parse_args_and_config(args=argv)
+    config = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
+    if config is not None and not os.path.isfile(config):
+        raise FileNotFoundError(f"{config}: no such recipe file")
+    try:
+        return TrlParser(dataclass_types, allow_abbrev=False).parse_args_and_config(args=argv)
+    except ValueError as err:  # an unknown key in the recipe, or an unknown / abbreviated flag
+        if "Unknown arguments from config file" in str(err):
+            raise ValueError(f"{config}: {err}") from None
+        if "not used by the HfArgumentParser" in str(err):
+            raise ValueError(f"unknown option(s) {str(err).split(': ', 1)[-1]}; see --help") from None
+        raise
 
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -161,6 +161,8 @@ def symmetry_penalty(letter_logits: torch.Tensor) -> torch.Tensor:
 class ArenaSFTTrainer(SFTTrainer):
     """`SFTTrainer` with A/B/C metrics, soft labels and swap pairs; with none of them asked it trains as `SFTTrainer`."""
 
+    _tag_names = ["trl", "sft", "lmsys-trl", "lmsys-arena"]  # the model card's tags (TRL's extension point)
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.letter_ids = letter_token_ids(self.processing_class)

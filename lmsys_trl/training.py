@@ -50,12 +50,14 @@ def adapt_to_launch(script_args, training_args, model_args) -> None:
     """Fit the recipe to how `accelerate launch` started us.
 
     - keeps the recipe's rows per optimiser step: gradient accumulation (else the per-device batch) is divided by
-      the number of processes;
+      the number of processes (packed: rounded, as a packed sequence holds a varying number of rows anyway);
     - ZeRO-3 / FSDP shard parameters, so 4-bit weights are stored as bf16 there and loaded without a device map;
+    - `torch_compile` is switched off under ZeRO-3 and FSDP v1 (measured on gemma-2-9b, H200, docs/benchmarks.md):
+      under ZeRO-3 dynamo recompiles every decoder layer around the gathered weights, hits its recompile limit and
+      runs them eagerly (1.63 rows/s compiled vs 2.86 without); under FSDP v1 accelerate 1.15's `compile_regions`
+      recurses without end in FSDP's `__getattr__`.
     (device maps are TRL's: the whole model on this process's device under DDP / DeepSpeed.)
     """
-    from accelerate.utils import DistributedType
-
     state = training_args.distributed_state  # the Trainer's own state (honours use_cpu)
     world = state.num_processes
     if script_args.keep_rows_per_step and world > 1:
@@ -68,17 +70,38 @@ def adapt_to_launch(script_args, training_args, model_args) -> None:
                             value // world, rows)
                 break
         else:
+            if training_args.packing:  # packed sequences hold a varying number of rows: the nearest count will do
+                steps = max(1, round(training_args.gradient_accumulation_steps / world))
+                logger.warning("%d processes: gradient_accumulation_steps %d -> %d (packed: about %.0f%% of the "
+                               "recipe's rows per optimiser step)", world, training_args.gradient_accumulation_steps,
+                               steps, 100 * steps * world / training_args.gradient_accumulation_steps)
+                training_args.gradient_accumulation_steps = steps
+                return adapt_sharding(training_args, model_args, state)
             raise ValueError(
                 f"{rows} rows per optimiser step do not split over {world} processes (neither "
                 "gradient_accumulation_steps nor per_device_train_batch_size is a multiple of it); change one, or "
                 f"pass --keep_rows_per_step false to train with {rows * world} rows per step"
             )
+    adapt_sharding(training_args, model_args, state)
+
+
+def adapt_sharding(training_args, model_args, state) -> None:
+    """ZeRO-3 / FSDP: 4-bit storage the sharding can flatten, and no `torch_compile` (see `adapt_to_launch`)."""
+    from accelerate.utils import DistributedType
+
     zero3 = getattr(training_args.deepspeed_plugin, "zero_stage", None) == 3
-    fsdp = state.distributed_type == DistributedType.FSDP or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    fsdp = state.distributed_type == DistributedType.FSDP or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in (
+        "true", "1")
     sharded = zero3 or fsdp  # (a 1-process FSDP launch reports no distributed type, hence the launcher's variable)
     if sharded and model_args.load_in_4bit and model_args.bnb_4bit_quant_storage is None:
         model_args.bnb_4bit_quant_storage = "bfloat16"  # a float dtype the sharding can flatten
         logger.info("ZeRO-3/FSDP: bnb_4bit_quant_storage set to bfloat16")
+    fsdp_v1 = fsdp and str(os.environ.get("FSDP_VERSION", "1")) == "1"
+    if training_args.torch_compile and (zero3 or fsdp_v1):
+        # TrainingArguments already exported its backend for accelerate's dynamo plugin: take it back too
+        training_args.torch_compile, training_args.torch_compile_backend = False, "no"
+        os.environ["ACCELERATE_DYNAMO_BACKEND"] = "NO"
+        logger.warning("%s: torch_compile off (lmsys_trl.training.adapt_to_launch says why)", "ZeRO-3" if zero3 else "FSDP")
 
 
 def check_adapter(output_dir: str, model) -> None:

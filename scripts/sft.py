@@ -12,6 +12,9 @@ import os
 
 
 logger = logging.getLogger("lmsys_trl.sft")
+HPARAMS = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "packing",
+           "max_length", "lr_scheduler_type", "warmup_steps", "weight_decay", "seed", "optim")
+LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "load_in_4bit")
 
 
 def main(script_args, training_args, model_args):
@@ -111,16 +114,19 @@ def main(script_args, training_args, model_args):
     trainer.save_model(out)
     validation = ", ".join(script_args.val_files) if script_args.val_files else (
         f"grouped split of the train files, fraction {script_args.val_fraction}, fold {script_args.fold}")
+    hparams = {k: getattr(training_args, k) for k in HPARAMS} | {k: getattr(model_args, k) for k in LORA_KEYS}
     trainer.model_card_sections = "\n".join([
-        "## Data", "", f"- train files: {', '.join(script_args.train_files)}", f"- validation: {validation}",
-        f"- A/B swap augmentation: {script_args.swap_augment}", "", "## Validation metrics", "", "```json",
+        "## Data", "", f"- base model: {model_args.model_name_or_path}", f"- train files: "
+        f"{', '.join(script_args.train_files)}", f"- validation: {validation}",
+        f"- A/B swap augmentation: {script_args.swap_augment}", "", "## Hyper-parameters", "", "```json",
+        json.dumps(hparams, indent=2, default=str), "```", "", "## Validation metrics", "", "```json",
         json.dumps(metrics, indent=2), "```", "",
     ])
     if trainer.accelerator.is_main_process:
         if model_args.use_peft:
             check_adapter(out, trainer.model)
         write_json(os.path.join(out, "metrics.json"), metrics)  # atomic, like eval's outputs
-        trainer.create_model_card(model_name=os.path.basename(os.path.abspath(out)), tags=["lmsys-trl", "lmsys-arena"])
+        trainer.create_model_card(model_name=os.path.basename(os.path.abspath(out)))
         trainer.accelerator.print(f"Adapter saved to {os.path.abspath(out)}")
 
     #############
@@ -143,7 +149,12 @@ def parse_args(argv=None):
     return parse((ArenaScriptArguments, ArenaSFTConfig, ModelConfig), argv)
 
 
+def cli(argv=None):
+    """Parse the command line (a recipe YAML first, flags after it override it), then train."""
+    return main(*parse_args(argv))
+
+
 if __name__ == "__main__":
     from lmsys_trl.configs import run_main
 
-    run_main(lambda argv: main(*parse_args(argv)))  # checked errors (data, template, options, output dir): one line
+    run_main(cli)  # checked errors (data, template, options, output dir) as one line `error: ...`, exit status 2

@@ -17,40 +17,55 @@ CPU = ["--use_cpu", "true"]  # GPU recipes ask for bf16, which SFTConfig refuses
 def sft_types():
     from trl import ModelConfig
 
-    from lmsys_trl.fast import FastSFTConfig  # what scripts/sft.py parses: SFTConfig + the fast-path keys
+    from lmsys_trl.trainer import ArenaSFTConfig  # what scripts/sft.py parses: SFTConfig + soft-label / swap keys
 
-    return (ArenaScriptArguments, FastSFTConfig, ModelConfig)
+    return (ArenaScriptArguments, ArenaSFTConfig, ModelConfig)
 
 
 @pytest.mark.parametrize("recipe", TRAIN_RECIPES, ids=lambda p: p.name)
-def test_every_training_recipe_parses(recipe):
+def test_every_training_recipe_parses_and_meets_the_invariants(recipe):
     script_args, training_args, model_args = parse(sft_types(), [str(recipe), *CPU])
     assert script_args.train_files and model_args.model_name_or_path
-    # The traps of TRL/transformers defaults: every recipe states these explicitly.
+    # The traps of TRL/transformers defaults (float32, max_length 1024, checkpointing on): every recipe sets them.
     text = recipe.read_text()
-    for key in ("max_length:", "gradient_checkpointing:", "dtype:", "completion_only_loss:"):
+    for key in ("max_length:", "activation_checkpointing:", "dtype:", "completion_only_loss:"):
         assert f"\n{key}" in text, f"{recipe.name} must set {key}"
+    assert "gradient_checkpointing:" not in text  # the deprecated name
     assert training_args.completion_only_loss is True
+    row_max_length = script_args.row_max_length or training_args.max_length
+    if training_args.packing:  # the fast path: whole rows in sequences of one compiled shape
+        assert training_args.packing_strategy == "bfd" and training_args.eval_packing is False
+        assert training_args.pad_to_multiple_of == training_args.max_length >= row_max_length
+        assert model_args.attn_implementation == "lmsys_flex"
     if model_args.load_in_4bit:
-        assert model_args.dtype == "bfloat16" and model_args.bnb_4bit_quant_type == "nf4"
-        assert model_args.use_bnb_nested_quant and training_args.bf16
-        assert training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps == 16
-        assert model_args.lora_r == 32 and model_args.lora_alpha == 64
-        assert sorted(model_args.lora_target_modules) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+        assert model_args.dtype == "bfloat16" and training_args.bf16
+    for line in text.splitlines():  # every knob says why
+        key = line.split(":")[0]
+        if key in ("learning_rate", "lora_r", "lora_alpha", "lora_dropout", "save_steps", "max_length"):
+            assert "#" in line, f"{recipe.name}: {key} needs a one-line why"
 
 
-def test_reference_hyper_parameters_per_model():
-    expected = {"gemma2_9b": (1.5e-4, 2200), "llama31_8b": (1e-4, 2200), "gemma2_2b": (2e-4, 2048)}
-    for name, (lr, max_length) in expected.items():
-        _, training_args, model_args = parse(sft_types(), [str(REPO / "recipes" / f"{name}.yaml"), *CPU])
-        assert (training_args.learning_rate, training_args.max_length) == (lr, max_length)
-        assert (model_args.attn_implementation == "eager") == name.startswith("gemma")
+def test_unknown_recipe_keys_and_unused_trl_arguments_are_refused(tmp_path):
+    import yaml
+
+    keys = yaml.safe_load((REPO / "recipes" / "demo_cpu.yaml").read_text())
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(yaml.safe_dump({**keys, "learnig_rate": 1e-4}))
+    with pytest.raises(ValueError, match=r"typo.yaml: Unknown arguments from config file: \['--learnig_rate'"):
+        parse(sft_types(), [str(bad)])
+    with pytest.raises(FileNotFoundError, match="no_such.yaml: no such recipe file"):
+        parse(sft_types(), [str(tmp_path / "no_such.yaml")])
+    with pytest.raises(ValueError, match="dataset_name .* is not read"):
+        parse(sft_types(), [str(REPO / "recipes" / "demo_cpu.yaml"), "--dataset_name", "lmsys/arena"])
+    with pytest.raises(ValueError, match="unknown option.*--learning_rat"):  # a prefix of a flag is not that flag
+        parse(sft_types(), [str(REPO / "recipes" / "demo_cpu.yaml"), "--learning_rat", "1e-4"])
 
 
 def test_command_line_overrides_yaml_and_yaml_overrides_defaults():
     recipe = str(REPO / "recipes" / "gemma2_9b.yaml")
     _, training_args, model_args = parse(sft_types(), [recipe, *CPU])
-    assert training_args.learning_rate == 1.5e-4 and training_args.weight_decay == 1e-5  # YAML beats defaults
+    yaml_lr = float(next(line for line in open(recipe) if line.startswith("learning_rate:")).split()[1])
+    assert training_args.learning_rate == yaml_lr != 5e-5  # YAML beats SFTConfig's default
     script_args, training_args, model_args = parse(
         sft_types(), [recipe, "--learning_rate", "1e-4", "--lora_r", "8", "--fold", "3", "--push_to_hub", "true", *CPU]
     )

@@ -39,7 +39,7 @@ from test_data import kaggle_row, write_csv
 
 from lmsys_trl.configs import run_main
 from lmsys_trl.data import LETTERS
-from lmsys_trl.evaluation import RESULT_FILES
+from lmsys_trl.io import RESULT_FILES
 from lmsys_trl.formatting import OPTIONS, chat_token_ids, format_example
 
 
@@ -50,7 +50,7 @@ def script(name: str):
     spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main
+    return getattr(module, "cli", module.main)  # scripts/sft.py: cli(argv) parses, main(...) trains
 
 
 def one_line_error(capsys, name: str, argv) -> str:
@@ -223,7 +223,7 @@ def test_output_dir_of_training_not_writable_or_holding_results(tmp_path, capsys
     """Entry 11 for scripts/sft.py: decided like transformers' old `overwrite_output_dir` - an earlier run's adapter,
     metrics or checkpoints are refused unless resumed or --overwrite_output_dir true; checked before the tokenizer,
     data or model load (the model path here does not even exist)."""
-    from lmsys_trl.train import check_output_dir
+    from lmsys_trl.training import check_output_dir
 
     (tmp_path / "file").write_text("x")
     line = one_line_error(capsys, "sft", sft_argv("no-such-model", tmp_path / "file" / "out"))
@@ -242,8 +242,8 @@ def test_output_dir_of_training_not_writable_or_holding_results(tmp_path, capsys
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes through permissions")
 def test_read_only_output_dirs_are_refused(tmp_path):
-    from lmsys_trl.evaluation import check_output_dir as check_eval_dir
-    from lmsys_trl.train import check_output_dir
+    from lmsys_trl.io import check_output_dir as check_eval_dir
+    from lmsys_trl.training import check_output_dir
 
     locked = tmp_path / "locked"
     (locked / "members").mkdir(parents=True)
@@ -353,16 +353,16 @@ def test_eval_killed_mid_run_leaves_no_partial_results_and_resume_reuses_the_cac
     assert not list(out.rglob("*.tmp-*"))
     cached_at = swapped.stat().st_mtime_ns
 
-    import lmsys_trl.score
+    import lmsys_trl.scoring
 
     passes = []
-    score_dataset = lmsys_trl.score.score_dataset
+    score_dataset = lmsys_trl.scoring.score_dataset
 
     def counting(model, tokenizer, dataset, max_length, swapped=False, *args):
         passes.append(swapped)
         return score_dataset(model, tokenizer, dataset, max_length, swapped, *args)
 
-    monkeypatch.setattr(lmsys_trl.score, "score_dataset", counting)
+    monkeypatch.setattr(lmsys_trl.scoring, "score_dataset", counting)
     metrics = script("eval")([str(a) for a in argv + ["--resume"]])
     assert passes == [False]  # only the pass the kill interrupted is scored again
     assert swapped.stat().st_mtime_ns == cached_at

@@ -263,12 +263,12 @@ def test_sft_script_trains_on_teacher_files_with_swap_pairs(tiny_llama, tmp_path
     spec = importlib.util.spec_from_file_location("sft_script", REPO / "scripts" / "sft.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    trainer, metrics = script.main(*script.parse_args([
+    trainer, metrics = script.cli([
         str(REPO / "tests" / "recipes" / "tiny.yaml"), "--model_name_or_path", str(tiny_llama),
         "--output_dir", str(tmp_path / "out"), "--train_files", data, "--teacher_files", str(predictions),
         "--max_length", str(MAX_LENGTH), "--max_train_rows", "3", "--max_val_rows", "2", "--swap_augment", "0",
         "--swap_pairs", "true", "--soft_label_weight", "0.5", "--max_steps", "2",
-    ]))
+    ])
     train_ids = trainer.train_dataset["id"]
     assert len(train_ids) == 6 and train_ids[0::2] == train_ids[1::2]
     assert trainer.train_dataset[1][TEACHER_PROBS] == [TEACHER[1], TEACHER[0], TEACHER[2]]

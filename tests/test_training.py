@@ -12,11 +12,12 @@ import torch
 from conftest import ARENA_SAMPLE, PANDALM, REPO
 from safetensors.torch import load_file
 
-from lmsys_trl.train import push_adapter
+from lmsys_trl.training import push_to_hub
 
 
 TINY_RECIPE = str(REPO / "tests" / "recipes" / "tiny.yaml")
 SHARED_DATA = str(REPO.parent / "shared" / "data" / "lmsys_arena_sample100.csv")
+HUB_TOKEN = "hf_lmsysTrlTestToken0123456789"
 
 
 def sft_argv(model, output_dir, *extra):
@@ -29,7 +30,7 @@ def run_sft_main(argv):
     spec = importlib.util.spec_from_file_location("sft_script", REPO / "scripts" / "sft.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    return script.main(argv)
+    return script.cli(argv)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +40,10 @@ def trained(tiny_llama, tmp_path_factory):
     with mock.patch("huggingface_hub.HfApi.create_repo") as create_repo, \
             mock.patch("huggingface_hub.HfApi.upload_folder") as upload_folder:
         upload_folder.return_value = mock.Mock(commit_url="https://hub.local/me/tiny/commit/1")
+        create_repo.return_value = mock.Mock(repo_id="me/tiny")
         trainer, metrics = run_sft_main(
-            sft_argv(tiny_llama, out, "--max_steps", "3", "--push_to_hub", "true", "--hub_model_id", "me/tiny")
+            sft_argv(tiny_llama, out, "--max_steps", "3", "--push_to_hub", "true", "--hub_model_id", "me/tiny",
+                     "--hub_token", HUB_TOKEN)
         )
     return trainer, metrics, out, create_repo, upload_folder
 
@@ -76,7 +79,8 @@ def test_adapter_is_saved_non_trivial_and_every_lora_pair_trained(trained, tiny_
 def test_model_card_names_base_data_hparams_and_metrics(trained, tiny_llama):
     _, metrics, out, *_ = trained
     card = (out / "README.md").read_text()
-    assert f"base_model: {tiny_llama}" in card and "library_name: peft" in card
+    assert "- trl" in card and "- sft" in card and "- lmsys-arena" in card  # TRL's own card, this run's tags
+    assert f"- base model: {tiny_llama}" in card
     assert "lmsys_arena_sample100.csv" in card and '"learning_rate": 0.001' in card
     assert f'"eval_log_loss": {metrics["eval_log_loss"]}' in card
 
@@ -94,12 +98,19 @@ def test_push_to_hub_uploads_the_adapter_folder_once(trained):
 
 
 def test_push_failure_keeps_the_local_adapter_and_says_how_to_retry(trained):
-    _, _, out, *_ = trained
+    trainer, _, out, *_ = trained
     before = (out / "adapter_model.safetensors").read_bytes()
-    with mock.patch("huggingface_hub.HfApi.create_repo", side_effect=ConnectionError("network down")):
+    with mock.patch("huggingface_hub.HfApi.upload_folder", side_effect=ConnectionError("network down")):
         with pytest.raises(RuntimeError, match=r"saved locally in .*retry with `hf upload me/tiny"):
-            push_adapter(str(out), "me/tiny")
+            push_to_hub(trainer, "me/tiny")
     assert (out / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_the_hub_token_is_in_no_file_of_the_output_folder(trained):
+    _, _, out, *_ = trained
+    files = [os.path.join(root, f) for root, _, names in os.walk(out) for f in names]
+    assert any(f.endswith("training_args.bin") for f in files)
+    assert not [f for f in files if HUB_TOKEN.encode() in open(f, "rb").read()]
 
 
 def test_resume_from_checkpoint_ends_where_an_uninterrupted_run_ends(tiny_llama, tmp_path):
@@ -138,26 +149,30 @@ def test_accelerate_launch_on_cpu(tiny_llama, tmp_path, num_processes):
         assert "gradient_accumulation_steps 2 -> 1" in result.stderr
 
 
-def test_two_processes_train_packed_micro_batches(tiny_llama, tmp_path):
-    """Packed training under DDP (2 CPU processes, gloo): the processes exchange their micro-batch counts every step
-    (`FastSFTTrainer._most_micro_batches`) and train to a saved adapter."""
+@pytest.mark.slow
+def test_two_processes_train_packed_sequences(tiny_llama, tmp_path):
+    """TRL's packing under DDP (2 CPU processes, gloo): each process takes its packed sequences, the accumulation is
+    divided over the processes, and training ends in a saved adapter."""
     out = tmp_path / "packed2"
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "scripts" / "sft.py"),
         *sft_argv(tiny_llama, out, "--max_steps", "2", "--max_val_rows", "2", "--train_files", str(PANDALM),
-                  str(ARENA_SAMPLE), "--max_train_rows", "16", "--max_length", "256",
-                  "--per_device_train_batch_size", "8", "--pack_token_budget", "512", "--pad_to_multiple_of", "64"),
+                  str(ARENA_SAMPLE), "--max_train_rows", "16", "--row_max_length", "256", "--max_length", "1024",
+                  "--packing", "true", "--packing_strategy", "bfd", "--eval_packing", "false",
+                  "--pad_to_multiple_of", "1024", "--per_device_train_batch_size", "1",
+                  "--gradient_accumulation_steps", "2"),
     ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "adapter_model.safetensors").stat().st_size > 20_000
+    assert "gradient_accumulation_steps 2 -> 1" in result.stderr
 
 
 def test_an_empty_adapter_file_is_refused(trained, tmp_path):
     from safetensors.torch import save_file
 
-    from lmsys_trl.train import check_adapter
+    from lmsys_trl.training import check_adapter
 
     trainer, _, out, *_ = trained
     check_adapter(str(out), trainer.model)  # the real one passes
@@ -178,7 +193,8 @@ def test_adapter_saved_from_an_fsdp_gathered_state_dict_equals_the_plain_save(ti
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from transformers import AutoModelForCausalLM
 
-    from lmsys_trl.train import check_adapter, save_sharded_adapter
+    from lmsys_trl.trainer import save_sharded_adapter
+    from lmsys_trl.training import check_adapter
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
