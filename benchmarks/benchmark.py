@@ -87,9 +87,9 @@ def run_variants(args, variants: dict, measure, mode: str, model: str | None = N
 
 
 def train(args):
-    from train_bench import REFERENCE, describe_mix, length_mix, run_variant
-
     from lmsys_trl.model import load_tokenizer
+
+    from train_bench import REFERENCE, describe_mix, length_mix, run_variant
 
     with open(args.recipe) as f:
         keys = yaml.safe_load(f)
@@ -113,10 +113,10 @@ def train(args):
 def infer(args):
     from functools import partial
 
-    from infer_bench import REFERENCE, build_scoring_model, load_trained_model, run_variant
-
     from lmsys_trl.data import load_arena
     from lmsys_trl.scoring import encode_rows, load_scoring_tokenizer
+
+    from infer_bench import REFERENCE, build_scoring_model, load_trained_model, run_variant
 
     if args.base_model:  # real weights: the model's own tokenizer
         tokenizer = load_scoring_tokenizer(args.base_model)

@@ -51,9 +51,10 @@ def build_scoring_model(shape: str, tokenizer, settings: dict, device: str, num_
     """Random-weight model of `shape` with a random LoRA adapter, at the variant's (resolved) settings and made ready
     by `model.prepare_for_scoring`, as `model.load_model` does for real weights."""
     from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
     from shapes import model_config
     from train_bench import quantize_nf4
-    from transformers import AutoModelForCausalLM
 
     precision = settings["precision"]
     if precision == "8bit":

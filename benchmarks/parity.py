@@ -32,8 +32,9 @@ class ParityArguments:
 def build_model(shape: str, tokenizer, dtype, device):
     """A random-weight model of `shape` (benchmarks/shapes.py), eager attention for gemma-2 (softcapping)."""
     import torch
-    from shapes import family_of, model_config
     from transformers import AutoModelForCausalLM
+
+    from shapes import family_of, model_config
 
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(
@@ -49,11 +50,12 @@ def main(argv=None) -> list[dict]:
 
     import torch
     from accelerate.utils.memory import clear_device_cache
-    from shapes import family_of
     from transformers import HfArgumentParser
 
     from lmsys_trl.data import load_arena
     from lmsys_trl.scoring import load_scoring_tokenizer, parity_check
+
+    from shapes import family_of
 
     (args,) = HfArgumentParser(ParityArguments).parse_args_into_dataclasses(args=argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"

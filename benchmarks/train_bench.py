@@ -66,11 +66,12 @@ def build_model(shape: str, tokenizer, model_args, device: str, num_layers: int 
     `load_in_4bit`; with `model_dir` (a model saved by `benchmarks/random_model.py`) loaded as scripts/sft.py loads
     it (TRL's quantization config, `from_pretrained`): the only way under ZeRO-3, whose `zero.Init` partitions
     the weights while they load."""
-    from shapes import model_config
     from transformers import AutoModelForCausalLM
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     from lmsys_trl.model import FLEX_ATTENTION, register_flex_attention
+
+    from shapes import model_config
 
     if model_args.attn_implementation == FLEX_ATTENTION:
         register_flex_attention()

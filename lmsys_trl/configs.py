@@ -13,12 +13,16 @@ class ArenaScriptArguments(ScriptArguments):
 
     train_files: list[str] = field(
         default_factory=list,
-        metadata={"help": "Arena files (.csv/.json/.jsonl/.parquet; Kaggle or arena-conversations schema), concatenated."},
+        metadata={
+            "help": "Arena files (.csv/.json/.jsonl/.parquet; Kaggle or arena-conversations schema), concatenated."
+        },
     )
     val_files: list[str] | None = field(
         default=None, metadata={"help": "Explicit validation files; when unset, a grouped split of the train files."}
     )
-    val_fraction: float = field(default=0.2, metadata={"help": "Validation share of the grouped split (0.2 = 5 folds)."})
+    val_fraction: float = field(
+        default=0.2, metadata={"help": "Validation share of the grouped split (0.2 = 5 folds)."}
+    )
     fold: int = field(default=0, metadata={"help": "Which fold of round(1 / val_fraction) grouped folds validates."})
     swap_augment: float = field(
         default=0.0, metadata={"help": "A/B-swapped copies of training rows to add: a count, or a fraction if < 1."}

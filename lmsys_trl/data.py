@@ -130,7 +130,9 @@ def _kaggle_rows(df: pd.DataFrame, path: str) -> list[dict]:
         turns = {c: [_text(t) for t in _turns(record[c], path, row_id, c)] for c in KAGGLE_COLUMNS[1:]}
         lengths = {c: len(v) for c, v in turns.items()}
         if len(set(lengths.values())) != 1:
-            raise DataError(f"{path}: row id {row_id}: unequal turn counts {lengths}; each turn needs a prompt and two responses")
+            raise DataError(
+                f"{path}: row id {row_id}: unequal turn counts {lengths}; each turn needs a prompt and two responses"
+            )
         label = -1
         if labelled:
             try:
@@ -161,7 +163,8 @@ def _extra_rows(df: pd.DataFrame, path: str) -> list[dict]:
             messages = _turns(record[column], path, row_id, column)
             try:
                 sides[side] = {
-                    role: [_text(m["content"]) for m in messages if m["role"] == role] for role in ("user", "assistant")
+                    role: [_text(m["content"]) for m in messages if m["role"] == role]
+                    for role in ("user", "assistant")
                 }
             except (TypeError, KeyError):
                 raise DataError(f"{path}: row id {row_id}: '{column}' must hold {{role, content}} messages") from None

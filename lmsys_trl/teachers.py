@@ -19,7 +19,6 @@ logger = logging.getLogger(__name__)
 TEACHER_PROBS = "teacher_probs"
 
 
-
 def read_teachers(path: str) -> dict[str, list[float]]:
     """{id: [p_a, p_b, p_tie]} from `scripts/eval.py`'s predictions.parquet (`winner_model_*` columns) or any
     CSV/Parquet with `id` and the teacher columns; every row is checked (finite, non-negative, sums to 1)."""

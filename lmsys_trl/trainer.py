@@ -159,7 +159,8 @@ def symmetry_penalty(letter_logits: torch.Tensor) -> torch.Tensor:
 
 
 class ArenaSFTTrainer(SFTTrainer):
-    """`SFTTrainer` with A/B/C metrics, soft labels and swap pairs; with none of them asked it trains as `SFTTrainer`."""
+    """`SFTTrainer` with A/B/C metrics, soft labels and swap pairs; with none of them asked it trains as
+    `SFTTrainer`."""
 
     _tag_names = ["trl", "sft", "lmsys-trl", "lmsys-arena"]  # the model card's tags (TRL's extension point)
 
@@ -272,6 +273,8 @@ def save_sharded_adapter(peft_model, state_dict: dict, output_dir: str, dtype: t
         if (match := lora_key.fullmatch(key))
     }
     if not weights:
-        raise RuntimeError(f"the gathered FSDP state dict holds no LoRA weights of adapter {peft_model.active_adapter!r}")
+        raise RuntimeError(
+            f"the gathered FSDP state dict holds no LoRA weights of adapter {peft_model.active_adapter!r}"
+        )
     with atomic_output(os.path.join(output_dir, "adapter_model.safetensors")) as tmp:
         save_file(weights, tmp, metadata={"format": "pt"})

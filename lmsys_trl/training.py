@@ -101,7 +101,8 @@ def adapt_sharding(training_args, model_args, state) -> None:
         # TrainingArguments already exported its backend for accelerate's dynamo plugin: take it back too
         training_args.torch_compile, training_args.torch_compile_backend = False, "no"
         os.environ["ACCELERATE_DYNAMO_BACKEND"] = "NO"
-        logger.warning("%s: torch_compile off (lmsys_trl.training.adapt_to_launch says why)", "ZeRO-3" if zero3 else "FSDP")
+        launcher = "ZeRO-3" if zero3 else "FSDP"
+        logger.warning("%s: torch_compile off (lmsys_trl.training.adapt_to_launch says why)", launcher)
 
 
 def check_adapter(output_dir: str, model) -> None:

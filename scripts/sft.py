@@ -12,8 +12,8 @@ import os
 
 
 logger = logging.getLogger("lmsys_trl.sft")
-HPARAMS = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "packing",
-           "max_length", "lr_scheduler_type", "warmup_steps", "weight_decay", "seed", "optim")
+HPARAMS = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+           "packing", "max_length", "lr_scheduler_type", "warmup_steps", "weight_decay", "seed", "optim")
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "load_in_4bit")
 
 
@@ -53,7 +53,9 @@ def main(script_args, training_args, model_args):
     ######################
     # Tokenizer and data
     ######################
-    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision, training_args.trust_remote_code)
+    tokenizer = load_tokenizer(
+        model_args.model_name_or_path, model_args.model_revision, training_args.trust_remote_code
+    )
     letter_ids = letter_token_ids(tokenizer)
     row_max_length = script_args.row_max_length or training_args.max_length
     train, val = build_datasets(script_args, tokenizer, row_max_length, training_args.seed, training_args.swap_pairs)

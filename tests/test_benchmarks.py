@@ -8,9 +8,10 @@ import sys
 
 import pytest
 import torch
-from conftest import ARENA_SAMPLE, REPO, TOKENIZERS
 
 from lmsys_trl.model import load_tokenizer
+
+from conftest import ARENA_SAMPLE, REPO, TOKENIZERS
 
 
 BENCHMARKS = REPO / "benchmarks"

@@ -1,9 +1,10 @@
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 
 from lmsys_trl.configs import ArenaScriptArguments, parse
+
+from conftest import REPO
 
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

@@ -2,9 +2,10 @@ import json
 
 import pandas as pd
 import pytest
-from conftest import ARENA_SAMPLE, KAGGLE_TEST, PANDALM
 
 from lmsys_trl.data import DataError, group_key, load_arena, split_train_val, swap_augment
+
+from conftest import ARENA_SAMPLE, KAGGLE_TEST, PANDALM
 
 
 def kaggle_row(row_id, prompt=("Hi",), a=("Hello",), b=("Hey",), winner=(1, 0, 0)):

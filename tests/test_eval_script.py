@@ -10,12 +10,13 @@ from dataclasses import fields
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import KAGGLE_TEST, PANDALM, REPO
 
 from lmsys_trl.configs import parse
 from lmsys_trl.evaluation import EvalArguments
 from lmsys_trl.io import RESULT_FILES
 from lmsys_trl.members import MemberScorer
+
+from conftest import KAGGLE_TEST, PANDALM, REPO
 
 
 def load_script():

@@ -1,9 +1,10 @@
 import pytest
-from conftest import ARENA_SAMPLE
 
 from lmsys_trl.data import load_arena
 from lmsys_trl.formatting import chat_token_ids, comparison_text, format_dataset, to_messages
 from lmsys_trl.model import letter_token_ids
+
+from conftest import ARENA_SAMPLE
 
 
 END_OF_ANSWER = {"gemma-2": "<end_of_turn>\n", "llama-3.1": "<|eot_id|>"}
@@ -26,7 +27,7 @@ None
 ###options
 A. Model A
 B. Model B
-C. Tie"""
+C. Tie"""  # noqa: E501 (the prompt text as the model sees it, one line)
 
 
 def family(tokenizer):
@@ -110,7 +111,8 @@ def test_every_real_row_fits_its_budget(tokenizer):
     rows = load_arena(str(ARENA_SAMPLE))
     for mode, max_length in (("train", 512), ("infer", 400)):
         formatted = format_dataset(rows, tokenizer, max_length, mode)
-        assert sorted(formatted.column_names) == sorted(["id", "label", "prompt"] + (["completion"] if mode == "train" else []))
+        expected = ["id", "label", "prompt"] + (["completion"] if mode == "train" else [])
+        assert sorted(formatted.column_names) == sorted(expected)
         lengths = [len(chat_token_ids(tokenizer, r)) for r in formatted]
         assert max(lengths) <= max_length and min(lengths) > 50
         if mode == "infer":
@@ -119,6 +121,7 @@ def test_every_real_row_fits_its_budget(tokenizer):
 
 def test_format_dataset_caches_and_parallelises(tmp_path):
     from lmsys_trl.model import load_tokenizer
+
     from conftest import TOKENIZERS
 
     tokenizer = load_tokenizer(str(TOKENIZERS / "llama-3.1"))

@@ -8,7 +8,6 @@ per-token activation scales in both, so only the reduction order differs).
 import numpy as np
 import pytest
 import torch
-from conftest import ARENA_SAMPLE, PANDALM
 from torch import nn
 
 from lmsys_trl.data import load_arena
@@ -24,6 +23,8 @@ from lmsys_trl.model import (
     prepare_for_scoring,
 )
 from lmsys_trl.scoring import encode_rows, plain_forward, plain_letter_logits, score_token_rows
+
+from conftest import ARENA_SAMPLE, PANDALM
 
 
 def relative_error(a, b):

@@ -6,6 +6,7 @@ import runpy
 
 import pytest
 import torch
+
 from conftest import PANDALM, REPO
 
 

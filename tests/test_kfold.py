@@ -7,11 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ARENA_SAMPLE, KAGGLE_TEST, REPO
 from safetensors.torch import load_file
 
 from lmsys_trl.data import WINNER_COLUMNS, load_arena, split_train_val
 from lmsys_trl.kfold import ADAPTER_WEIGHTS, average_adapters
+
+from conftest import ARENA_SAMPLE, KAGGLE_TEST, REPO
 
 
 MAX_LENGTH = 160

@@ -7,7 +7,6 @@ other reduction orders; a row attending to another row or a wrong position id mo
 import numpy as np
 import pytest
 import torch
-from conftest import ARENA_SAMPLE, PANDALM
 
 from lmsys_trl.data import load_arena
 from lmsys_trl.evaluation import EvalArguments
@@ -15,6 +14,8 @@ from lmsys_trl.members import MemberScorer
 from lmsys_trl.metrics import softmax
 from lmsys_trl.model import letter_token_ids, load_model, load_tokenizer
 from lmsys_trl.scoring import encode_rows, packed_sequences, plain_letter_logits, score_token_rows
+
+from conftest import ARENA_SAMPLE, PANDALM
 
 
 BUDGET = 512  # forces several packed sequences for the rows below (max_length 256)

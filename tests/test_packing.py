@@ -7,11 +7,12 @@ Flex attention has no backward on CPU, so it is checked on the forward (logits p
 
 import pytest
 import torch
-from conftest import ARENA_SAMPLE, TOKENIZERS
 from transformers import TrainerCallback
 
 from lmsys_trl.model import FLEX_ATTENTION, register_flex_attention
 from lmsys_trl.trainer import ArenaSFTConfig, ArenaSFTTrainer
+
+from conftest import ARENA_SAMPLE, TOKENIZERS
 
 
 TOL = dict(rtol=1e-4, atol=1e-6)

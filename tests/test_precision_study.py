@@ -5,9 +5,10 @@ import runpy
 
 import numpy as np
 import pytest
-from conftest import KAGGLE_TEST, PANDALM, REPO
 
 from lmsys_trl.metrics import log_loss, row_log_loss
+
+from conftest import KAGGLE_TEST, PANDALM, REPO
 
 
 @pytest.fixture(scope="module")

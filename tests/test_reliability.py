@@ -31,16 +31,16 @@ import time
 import pandas as pd
 import pytest
 import torch
-from conftest import ARENA_SAMPLE, PANDALM, REPO
-from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 from safetensors.torch import load_file
 from test_data import kaggle_row, write_csv
 
 from lmsys_trl.configs import run_main
 from lmsys_trl.data import LETTERS
-from lmsys_trl.io import RESULT_FILES
 from lmsys_trl.formatting import OPTIONS, chat_token_ids, format_example
+from lmsys_trl.io import RESULT_FILES
+
+from conftest import ARENA_SAMPLE, PANDALM, REPO
 
 
 TINY_RECIPE = REPO / "tests" / "recipes" / "tiny.yaml"
@@ -337,8 +337,9 @@ def test_training_killed_mid_run_resumes_to_the_uninterrupted_weights(tiny_llama
         torch.testing.assert_close(resumed[key], full[key], rtol=1e-4, atol=1e-6)
 
 
-def test_eval_killed_mid_run_leaves_no_partial_results_and_resume_reuses_the_cache(tiny_llama, tmp_path,
-                                                                                 monkeypatch):
+def test_eval_killed_mid_run_leaves_no_partial_results_and_resume_reuses_the_cache(
+    tiny_llama, tmp_path, monkeypatch
+):
     out = tmp_path / "eval"
     argv = eval_argv(tiny_llama, PANDALM, out, "--max_rows", 250, "--swap_tta", "--token_budget", 2048)
     process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "eval.py"), *map(str, argv)], cwd=REPO,

@@ -7,7 +7,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import PANDALM, TOKENIZERS
 
 from lmsys_trl.data import load_arena
 from lmsys_trl.metrics import softmax
@@ -20,6 +19,8 @@ from lmsys_trl.scoring import (
     score_dataset,
     score_token_rows,
 )
+
+from conftest import PANDALM, TOKENIZERS
 
 
 @pytest.fixture(scope="module")

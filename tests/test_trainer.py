@@ -8,13 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ARENA_SAMPLE, KAGGLE_TEST, REPO
 
 from lmsys_trl.data import TEACHER_COLUMNS, WINNER_COLUMNS, DataError, load_arena, swap_row
 from lmsys_trl.pseudo_labels import write_pseudo_labels
 from lmsys_trl.teachers import TEACHER_PROBS, attach_teachers, pair_with_swaps, with_teacher_probs
 from lmsys_trl.trainer import (
-    AnswerMetrics,
     ArenaSFTConfig,
     ArenaSFTTrainer,
     PairedSampler,
@@ -23,6 +21,8 @@ from lmsys_trl.trainer import (
     soft_label_loss,
     symmetry_penalty,
 )
+
+from conftest import ARENA_SAMPLE, KAGGLE_TEST, REPO
 
 
 MAX_LENGTH = 160
@@ -112,8 +112,8 @@ def test_collators_put_each_rows_teacher_on_its_answer_position():
         examples.append({"input_ids": list(range(2, length + 2)), "labels": labels,
                          TEACHER_PROBS: [i / 10, 1 - i / 10, 0.0]})
     padded = SoftLabelCollator(DataCollatorForLanguageModeling(pad_token_id=0))(examples)
-    packed = SoftLabelCollator(DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True, pad_to_multiple_of=8))(
-        examples)
+    packing = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True, pad_to_multiple_of=8)
+    packed = SoftLabelCollator(packing)(examples)
     for batch in (padded, packed):
         assert batch[TEACHER_PROBS].shape == (*batch["input_ids"].shape, 3)
         rows, positions = answer_positions(batch["labels"])
@@ -216,7 +216,8 @@ def test_weight_zero_equals_hard_path_and_mix_is_exact(rows, tiny_llama, tmp_pat
 
 def test_padding_free_batches_give_the_padded_soft_label_loss(rows, tiny_llama, tmp_path):
     data, tokenizer = rows
-    padded_trainer = trainer_for(tiny_llama, tokenizer, formatted(data, tokenizer), config(tmp_path, soft_label_weight=0.5))
+    padded_args = config(tmp_path, soft_label_weight=0.5)
+    padded_trainer = trainer_for(tiny_llama, tokenizer, formatted(data, tokenizer), padded_args)
     args = config(tmp_path, soft_label_weight=0.5, padding_free=True, pad_to_multiple_of=8, max_length=None)
     trainer = trainer_for(tiny_llama, tokenizer, formatted(data, tokenizer), args)
     trainer.model.train()
@@ -390,6 +391,7 @@ def test_softcapping_switch_reaches_the_attention_call(tiny_gemma):
     from transformers import AutoModelForCausalLM
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.gemma2 import modeling_gemma2
+
     from lmsys_trl.model import DOT_PRODUCT_ATTENTION, attention_kwargs
 
     ids = torch.tensor([[2, 651, 603, 476, 2121, 235265]])
@@ -416,8 +418,7 @@ def test_softcapping_switch_reaches_the_attention_call(tiny_gemma):
 
 
 def test_scoring_loads_gemma_without_softcapping_when_asked(tiny_gemma):
-    from lmsys_trl.model import DOT_PRODUCT_ATTENTION
-    from lmsys_trl.model import load_model
+    from lmsys_trl.model import DOT_PRODUCT_ATTENTION, load_model
 
     default = load_model(str(tiny_gemma), [], precision="fp32", device="cpu")
     assert default.config.attn_logit_softcapping == 50.0 and default.config._attn_implementation == "eager"

@@ -9,10 +9,11 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import ARENA_SAMPLE, PANDALM, REPO
 from safetensors.torch import load_file
 
 from lmsys_trl.training import push_to_hub
+
+from conftest import ARENA_SAMPLE, PANDALM, REPO
 
 
 TINY_RECIPE = str(REPO / "tests" / "recipes" / "tiny.yaml")
@@ -189,8 +190,7 @@ def test_adapter_saved_from_an_fsdp_gathered_state_dict_equals_the_plain_save(ti
     import torch.distributed as dist
     from peft import LoraConfig, get_peft_model
     from peft.utils.other import fsdp_auto_wrap_policy
-    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel as FSDP, StateDictType
     from transformers import AutoModelForCausalLM
 
     from lmsys_trl.trainer import save_sharded_adapter
