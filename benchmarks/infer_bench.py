@@ -19,8 +19,9 @@ import torch
 from accelerate.utils.memory import clear_device_cache
 
 from lmsys_trl.evaluation import SCORING_KEYS, EvalArguments, resolve_scoring
+from lmsys_trl.kernels import attention_kwargs
 from lmsys_trl.metrics import softmax
-from lmsys_trl.model import KBIT, LOAD_DTYPES, attention_kwargs, letter_token_ids, load_model, prepare_for_scoring
+from lmsys_trl.model import KBIT, LOAD_DTYPES, letter_token_ids, load_model, prepare_for_scoring
 from lmsys_trl.scoring import plain_forward, plain_letter_logits, score_token_rows
 
 

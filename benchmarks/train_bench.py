@@ -69,7 +69,7 @@ def build_model(shape: str, tokenizer, model_args, device: str, num_layers: int 
     from transformers import AutoModelForCausalLM
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from lmsys_trl.model import FLEX_ATTENTION, register_flex_attention
+    from lmsys_trl.kernels import FLEX_ATTENTION, register_flex_attention
 
     from shapes import model_config
 

@@ -147,7 +147,8 @@ def resolve_scoring(settings: dict, device: str) -> dict:
     sequences of `PACKED_TOKEN_BUDGET` tokens scored with the compiled flex kernel and compiled decoder layers at
     `auto_precision`'s precision (fp8 on an H100); on the CPU, fp32 padded batches of `PADDED_TOKEN_BUDGET` tokens.
     Explicit values are kept, except that adapters are never merged into a k-bit base."""
-    from .model import FLEX_ATTENTION, KBIT, auto_precision
+    from .kernels import FLEX_ATTENTION
+    from .model import KBIT, auto_precision
 
     resolved = {key: settings.get(key) for key in SCORING_KEYS}
     cuda = device.startswith("cuda")

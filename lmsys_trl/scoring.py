@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 
 from .data import swap_row
 from .formatting import chat_token_ids, format_example
+from .kernels import decoder_layers
 from .metrics import softmax
-from .model import causal_lm_of, decoder_layers, letter_logits_from_hidden, letter_token_ids, load_tokenizer
+from .model import causal_lm_of, letter_logits_from_hidden, letter_token_ids, load_tokenizer
 
 
 SWAP_BACK = [1, 0, 2]  # probabilities of a swapped row, reordered to the original A/B

@@ -23,7 +23,8 @@ def main(script_args, training_args, model_args):
     from trl import get_peft_config, get_quantization_config
 
     from lmsys_trl.io import write_json
-    from lmsys_trl.model import attention_kwargs, letter_token_ids, load_tokenizer
+    from lmsys_trl.kernels import attention_kwargs
+    from lmsys_trl.model import letter_token_ids, load_tokenizer
     from lmsys_trl.trainer import AnswerMetrics, ArenaSFTTrainer
     from lmsys_trl.training import (
         adapt_to_launch,

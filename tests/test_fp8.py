@@ -13,15 +13,9 @@ from torch import nn
 from lmsys_trl.data import load_arena
 from lmsys_trl.evaluation import resolve_scoring
 from lmsys_trl.fp8 import Float8Linear, quantize_linear_layers
+from lmsys_trl.kernels import compile_decoder_layers, decoder_layers
 from lmsys_trl.metrics import softmax
-from lmsys_trl.model import (
-    compile_decoder_layers,
-    decoder_layers,
-    letter_token_ids,
-    load_model,
-    load_tokenizer,
-    prepare_for_scoring,
-)
+from lmsys_trl.model import letter_token_ids, load_model, load_tokenizer, prepare_for_scoring
 from lmsys_trl.scoring import encode_rows, plain_forward, plain_letter_logits, score_token_rows
 
 from conftest import ARENA_SAMPLE, PANDALM

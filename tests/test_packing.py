@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from lmsys_trl.model import FLEX_ATTENTION, register_flex_attention
+from lmsys_trl.kernels import FLEX_ATTENTION, register_flex_attention
 from lmsys_trl.trainer import ArenaSFTConfig, ArenaSFTTrainer
 
 from conftest import ARENA_SAMPLE, TOKENIZERS

@@ -55,7 +55,7 @@ def test_batched_scoring_equals_one_row_at_a_time(tiny_llama, rows):
     """(gemma-2's eager softcapped path is covered the same way by test_parity_script_on_cpu.)"""
     from transformers import AutoModelForCausalLM
 
-    from lmsys_trl.model import default_attn_implementation
+    from lmsys_trl.kernels import default_attn_implementation
 
     path = str(tiny_llama)
     tokenizer = load_tokenizer(path)

@@ -392,7 +392,7 @@ def test_softcapping_switch_reaches_the_attention_call(tiny_gemma):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.gemma2 import modeling_gemma2
 
-    from lmsys_trl.model import DOT_PRODUCT_ATTENTION, attention_kwargs
+    from lmsys_trl.kernels import DOT_PRODUCT_ATTENTION, attention_kwargs
 
     ids = torch.tensor([[2, 651, 603, 476, 2121, 235265]])
 
@@ -418,7 +418,8 @@ def test_softcapping_switch_reaches_the_attention_call(tiny_gemma):
 
 
 def test_scoring_loads_gemma_without_softcapping_when_asked(tiny_gemma):
-    from lmsys_trl.model import DOT_PRODUCT_ATTENTION, load_model
+    from lmsys_trl.kernels import DOT_PRODUCT_ATTENTION
+    from lmsys_trl.model import load_model
 
     default = load_model(str(tiny_gemma), [], precision="fp32", device="cpu")
     assert default.config.attn_logit_softcapping == 50.0 and default.config._attn_implementation == "eager"
