@@ -192,10 +192,11 @@ class ArenaSFTTrainer(SFTTrainer):
         return PairedSampler(len(ids), self.args.data_seed if self.args.data_seed is not None else self.args.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's loss (answer letter + end of turn); plus the soft-label and symmetry terms when asked. Training also
+        logs `answer_log_loss`: the log loss over the three letters alone, the number the task is scored on (TRL's
+        `loss` averages the letter with the easy end-of-turn tokens: a logged 0.33 can be a letter loss of ~1.0)."""
         targets = inputs.pop(TEACHER_PROBS, None)
         symmetric = self.model.training and getattr(self.args, "symmetry_weight", 0.0) > 0
-        if targets is None and not symmetric:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         causal_lm = causal_lm_of(self.accelerator.unwrap_model(model))
         hidden = []
 
@@ -215,13 +216,19 @@ class ArenaSFTTrainer(SFTTrainer):
         if not torch.isin(answers, torch.tensor(self.letter_ids, device=answers.device)).all():
             raise RuntimeError(f"answer tokens {answers.tolist()} are not the letters A/B/C {self.letter_ids}")
         logits = letter_logits_from_hidden(causal_lm, hidden[0][rows, positions], self.letter_ids)
+        mode = "train" if self.model.training else "eval"
+        if mode == "train" and len(rows):  # (evaluation reports it as eval_log_loss through AnswerMetrics)
+            letters = torch.tensor(self.letter_ids, device=answers.device)
+            truth = (answers[:, None] == letters).float().argmax(dim=1)
+            self._metrics[mode]["answer_log_loss"].append(F.cross_entropy(logits.detach().float(), truth).item())
+        if targets is None and not symmetric:
+            return result
         # Each row counts like its answer tokens in the hard loss: sum over rows x tokens per row / all answer tokens.
         answer_tokens = (labels[:, 1:] != -100).sum()
         total = answer_tokens if num_items_in_batch is None else num_items_in_batch
         scale = answer_tokens / max(len(rows), 1) / torch.as_tensor(total).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             scale = scale * (self.accelerator.num_processes // self.get_tp_size())
-        mode = "train" if self.model.training else "eval"
         if targets is not None:
             weight = getattr(self.args, "soft_label_weight", 0.0)
             soft = soft_label_loss(logits, targets[rows, positions].to(logits.device))

@@ -3,6 +3,7 @@
 import logging
 import os
 import re
+import shutil
 import tempfile
 
 from .data import DataError, load_arena, split_train_val, swap_augment
@@ -134,9 +135,42 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     return None
 
 
+TRAINER_CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin")
+
+
+def resolve_resume(output_dir: str, resume, overwrite: bool) -> str | None:
+    """The checkpoint `--resume_from_checkpoint` names: `true` / `last` -> the last complete `checkpoint-*` of
+    `output_dir` (None in a folder without any, to start from scratch), or a checkpoint folder's path. Checked errors:
+    a path that is no checkpoint, and `true` on a folder that holds a finished adapter but no checkpoint (there is
+    nothing to resume: the run ended or saved no checkpoints)."""
+    if resume in (None, False) or (isinstance(resume, str) and resume.lower() in ("false", "")):
+        return None
+    if isinstance(resume, str) and resume.lower() not in ("true", "last"):
+        if not os.path.isfile(os.path.join(resume, "trainer_state.json")):
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint {resume}: no checkpoint folder there (a `checkpoint-N` folder holding "
+                "trainer_state.json); give one, or `true` for the last one in --output_dir"
+            )
+        return resume
+    found = last_complete_checkpoint(output_dir)
+    if found is None and os.path.isdir(output_dir) and not overwrite:
+        finished = sorted(f for f in os.listdir(output_dir) if f in (*ADAPTER_FILES, "metrics.json"))
+        if finished:
+            raise FileNotFoundError(
+                f"nothing to resume in {output_dir}: it holds a finished run ({', '.join(finished)}) and no "
+                "checkpoint-*; pass --overwrite_output_dir true (without --resume_from_checkpoint) to train it again "
+                "from scratch, or choose another --output_dir"
+            )
+    if found is None:
+        logger.info("No checkpoint in %s: training from scratch", output_dir)
+    return found
+
+
 def check_output_dir(output_dir: str, resuming: bool, overwrite: bool) -> None:
     """Fail before any training if `output_dir` cannot be written, or holds an earlier run (adapter, metrics.json,
-    checkpoints) that this run neither resumes nor is allowed to overwrite."""
+    checkpoints) that this run neither resumes nor is allowed to overwrite. A run that starts over
+    (`--overwrite_output_dir true`, not resuming) clears the earlier run's `checkpoint-*` folders (written by the
+    Trainer), so that a later `--resume_from_checkpoint true` can only take this run's own checkpoints."""
     if os.path.isdir(output_dir) and not (resuming or overwrite):
         results = (*ADAPTER_FILES, "metrics.json")
         earlier = sorted(f for f in os.listdir(output_dir) if f in results or CHECKPOINT.fullmatch(f))
@@ -145,6 +179,13 @@ def check_output_dir(output_dir: str, resuming: bool, overwrite: bool) -> None:
                 f"{output_dir} already holds an earlier run ({', '.join(earlier[:4])}); pass --resume_from_checkpoint "
                 "true to continue it, --overwrite_output_dir true to train over it, or choose another --output_dir"
             )
+    if os.path.isdir(output_dir) and overwrite and not resuming:
+        for name in sorted(os.listdir(output_dir)):
+            path = os.path.join(output_dir, name)
+            if CHECKPOINT.fullmatch(name) and os.path.isdir(path) and (
+                    set(os.listdir(path)) & set(TRAINER_CHECKPOINT_FILES) or not os.listdir(path)):
+                shutil.rmtree(path)
+                logger.warning("--overwrite_output_dir: removed the earlier run's %s", path)
     try:
         os.makedirs(output_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=output_dir):

@@ -31,8 +31,8 @@ def main(script_args, training_args, model_args):
         build_datasets,
         check_adapter,
         check_output_dir,
-        last_complete_checkpoint,
         push_to_hub,
+        resolve_resume,
     )
 
     ###############
@@ -44,12 +44,11 @@ def main(script_args, training_args, model_args):
     ###################################################
     # Output dir: resume, refuse an earlier run, write
     ###################################################
-    resume = training_args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "last"):
-        resume = last_complete_checkpoint(training_args.output_dir)
-        if resume is None:
-            logger.info("No checkpoint in %s: training from scratch", training_args.output_dir)
-    check_output_dir(training_args.output_dir, bool(resume), script_args.overwrite_output_dir)
+    out = training_args.output_dir
+    resume = resolve_resume(out, training_args.resume_from_checkpoint, script_args.overwrite_output_dir)
+    check_output_dir(out, bool(resume), script_args.overwrite_output_dir)  # starting over clears old checkpoints
+    if resume:
+        print(f"Resuming from {resume}", flush=True)
 
     ######################
     # Tokenizer and data
@@ -113,7 +112,6 @@ def main(script_args, training_args, model_args):
     ##################################
     # Save the adapter, metrics, card
     ##################################
-    out = training_args.output_dir
     trainer.save_model(out)
     validation = ", ".join(script_args.val_files) if script_args.val_files else (
         f"grouped split of the train files, fraction {script_args.val_fraction}, fold {script_args.fold}")

@@ -129,6 +129,43 @@ def test_resume_from_checkpoint_ends_where_an_uninterrupted_run_ends(tiny_llama,
         torch.testing.assert_close(again[key], full[key], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_a_run_that_starts_over_resumes_only_its_own_checkpoints(tiny_llama, tmp_path, capsys):
+    """An earlier run left checkpoint-4; a run started over with --overwrite_output_dir saved checkpoint-2 (then was
+    killed, say). Resuming must take checkpoint-2 and train steps 3-4, not the earlier run's checkpoint-4 (0 steps)."""
+    out = tmp_path / "run"
+    saving = ["--save_strategy", "steps", "--max_val_rows", "2"]
+    run_sft_main(sft_argv(tiny_llama, out, "--max_steps", "4", "--save_steps", "4", *saving))
+    assert (out / "checkpoint-4").is_dir()
+    run_sft_main(sft_argv(tiny_llama, out, "--max_steps", "2", "--save_steps", "2", "--overwrite_output_dir", "true",
+                          *saving))
+    assert not (out / "checkpoint-4").exists()  # the earlier run's checkpoints are cleared when a run starts over
+    capsys.readouterr()
+    trainer, _ = run_sft_main(sft_argv(tiny_llama, out, "--max_steps", "4", "--save_steps", "2", *saving,
+                                       "--resume_from_checkpoint", "true"))
+    assert f"Resuming from {out / 'checkpoint-2'}" in capsys.readouterr().out
+    assert trainer.state.global_step == 4
+    assert {h["step"] for h in trainer.state.log_history if "loss" in h} >= {3, 4}  # steps 3 and 4 were trained
+
+
+@pytest.mark.slow
+def test_resume_errors_are_one_line(tiny_llama, tmp_path, capsys):
+    from lmsys_trl.configs import run_main
+
+    out = tmp_path / "finished"
+    run_sft_main(sft_argv(tiny_llama, out, "--max_steps", "1", "--max_val_rows", "2"))  # an adapter, no checkpoint
+    spec = importlib.util.spec_from_file_location("sft_script_cli", REPO / "scripts" / "sft.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for resume, expected in (("true", f"nothing to resume in {out}"),
+                             (str(tmp_path / "no" / "such"), "no checkpoint folder there")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            run_main(script.cli, sft_argv(tiny_llama, out, "--resume_from_checkpoint", resume))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exited.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+
+
 @pytest.mark.parametrize("num_processes", [1, 2])
 def test_accelerate_launch_on_cpu(tiny_llama, tmp_path, num_processes):
     out = tmp_path / f"launch{num_processes}"
