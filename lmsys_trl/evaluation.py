@@ -48,9 +48,11 @@ class EvalArguments:
     )
     empty_shift: float = option(0.5, "Share of an empty side's probability given to the other side.")
     identical_shift: float = option(0.5, "Share of P(A)+P(B) given to tie for identical responses.")
-    precision: str = option("auto", f"Base weights: {', '.join(PRECISIONS)} (auto: fp8 on GPUs with FP8 tensor cores "
-                            "such as the H100, else bf16; fp32 on CPU. fp8: bf16 load, adapters merged, linear layers "
-                            "FP8 with per-row scales. k-bit: bitsandbytes, CUDA).")
+    precision: str = option("auto", f"Base weights: {', '.join(PRECISIONS)} (auto: bf16 on a GPU, no worse than fp32 "
+                            "in log loss on real weights; fp32 on CPU. fp8: faster, opt-in, costs +0.028 log loss "
+                            "against fp32 on real weights (H200, docs/benchmarks.md); bf16 load, adapters merged, "
+                            "linear layers FP8 with per-row scales. 4bit (the reference): +0.074. k-bit: "
+                            "bitsandbytes, CUDA).")
     attn_implementation: str | None = option(None, "Attention kernel (default: on GPU with packed rows the compiled "
                                              "flex kernel lmsys_flex; otherwise eager for gemma-2, the library "
                                              "default for others).")
@@ -145,7 +147,7 @@ class EvalArguments:
 def resolve_scoring(settings: dict, device: str) -> dict:
     """`SCORING_KEYS` settings with their automatic values settled for `device`: on a GPU rows are packed into
     sequences of `PACKED_TOKEN_BUDGET` tokens scored with the compiled flex kernel and compiled decoder layers at
-    `auto_precision`'s precision (fp8 on an H100); on the CPU, fp32 padded batches of `PADDED_TOKEN_BUDGET` tokens.
+    `auto_precision`'s precision (bf16 on a GPU); on the CPU, fp32 padded batches of `PADDED_TOKEN_BUDGET` tokens.
     Explicit values are kept, except that adapters are never merged into a k-bit base."""
     from .kernels import FLEX_ATTENTION
     from .model import KBIT, auto_precision

@@ -108,13 +108,16 @@ def test_compiled_layers_score_like_eager_ones_and_plain_forward_restores_them(t
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_resolve_scoring_defaults_per_device():
+def test_resolve_scoring_defaults_per_device(monkeypatch):
     auto = dict(precision="auto", attn_implementation=None, attn_softcapping=True, token_budget=None,
                 max_batch_size=None, pack_rows=None, merge_adapters=True, compile_layers=None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # an FP8-capable GPU (H100/H200) still gets bf16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     gpu = resolve_scoring(auto, "cuda:0")
+    monkeypatch.undo()
     assert gpu["pack_rows"] and gpu["compile_layers"] and gpu["attn_implementation"] == "lmsys_flex"
     assert gpu["token_budget"] == 16384 and gpu["merge_adapters"]
-    assert gpu["precision"] == ("fp8" if torch.cuda.is_available() else "bf16")  # no CUDA here: no FP8 cores seen
+    assert gpu["precision"] == "bf16"  # faithful by default: FP8 costs log loss on real weights (opt-in only)
     cpu = resolve_scoring(auto, "cpu")
     assert cpu["precision"] == "fp32" and not cpu["pack_rows"] and not cpu["compile_layers"]
     assert cpu["token_budget"] == 8192 and cpu["attn_implementation"] is None
