@@ -1,6 +1,8 @@
 """Tokenizer and model set-up shared by training and scoring: pad token, answer-letter ids, the fp32 letter head,
 scoring-side loading (precision, adapters, FP8, compiled layers)."""
 
+import os
+
 import torch
 from transformers import AutoTokenizer
 
@@ -12,8 +14,21 @@ from .kernels import attention_kwargs, compile_decoder_layers
 PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<pad>")
 
 
+def looks_like_a_path(name: str) -> bool:
+    """Whether a model / adapter name is meant as a local folder rather than a hub id (`org/name`)."""
+    return name.startswith((".", "/", "~")) or name.endswith(("/", "\\")) or name.count("/") > 1 or "\\" in name
+
+
+def check_local_model(name_or_path: str, what: str = "model") -> None:
+    """A name that looks like a local path must be a folder: fail at once instead of ~50 s of Hub retries that end in
+    "Repo id must be ..." (a hub id `org/name` is left to the Hub)."""
+    if looks_like_a_path(name_or_path) and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise FileNotFoundError(f"{name_or_path}: no such {what} folder")
+
+
 def load_tokenizer(name_or_path: str, revision: str = "main", trust_remote_code: bool = False):
     """Load a chat tokenizer; give it a pad token (never the end-of-turn token when an unused one exists)."""
+    check_local_model(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     if not tokenizer.chat_template:
         raise TemplateError(f"{name_or_path}: the tokenizer has no chat template; use a chat (instruct) model")
@@ -90,6 +105,11 @@ def check_adapter_base(adapter: str, base_model: str, allow_mismatch: bool = Fal
 
     from peft import PeftConfig
 
+    check_local_model(adapter, "adapter")
+    if os.path.isfile(os.path.join(adapter, "adapter_config.json")) and not any(
+            os.path.isfile(os.path.join(adapter, f)) for f in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise ValueError(f"{adapter}: adapter_config.json but no adapter_model.safetensors (an adapter without "
+                         "weights: was its training interrupted, or the copy incomplete?)")
     try:
         trained_on = PeftConfig.from_pretrained(adapter).base_model_name_or_path
     except Exception as err:
