@@ -4,6 +4,11 @@
 on the CPU, where it only runs tests), with fast accumulation as torchao's float8 inference uses it. The scale of a row
 is its absolute maximum over the largest e4m3 value, so nothing saturates. Used by `scripts/eval.py --precision fp8`
 after the LoRA adapters are merged into the bf16 base; the LM head and embeddings stay in bf16.
+
+Why not torchao's float8 inference (`Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())`): torchao 0.18
+installs beside the pinned torch, but its speed and accuracy against this kernel have not been measured on an FP8 GPU
+yet (the 2026-12-02 session's device time went to the training path); FP8 is an opt-in precision now, not the default.
+Replace this module with it once it measures the same (docs/benchmarks.md, inference).
 """
 
 import torch
