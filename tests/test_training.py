@@ -53,7 +53,12 @@ def test_training_logs_loss_and_validation_log_loss(trained):
     trainer, metrics, out, *_ = trained
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
-    assert 0 < metrics["eval_log_loss"] < 5 and 0 <= metrics["eval_accuracy"] <= 1
+    # Pinned losses of this tiny run (CPU, fp32, seed 42: deterministic). A torch / transformers / TRL / PEFT upgrade
+    # may move them: re-pin by running this test, reading the new values from the failure (or printing
+    # `metrics`), and checking the change comes from the library, not from lmsys_trl.
+    assert metrics["train_loss"] == pytest.approx(11.59349282582601, rel=1e-4)
+    assert metrics["eval_log_loss"] == pytest.approx(1.054288024996599, rel=1e-4)
+    assert metrics["eval_accuracy"] == 0.5
     assert json.loads((out / "metrics.json").read_text()) == metrics
 
 
