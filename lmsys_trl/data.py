@@ -3,6 +3,7 @@
 import hashlib
 import json
 import math
+import numbers
 import os
 import random
 from collections.abc import Sequence
@@ -26,7 +27,13 @@ class DataError(ValueError):
 
 
 def _read_table(path: str) -> pd.DataFrame:
-    """Read CSV / JSON / JSONL / Parquet into a DataFrame, keeping every cell as written."""
+    """Read CSV / JSON / JSONL / Parquet into a DataFrame, keeping every cell as written.
+
+    JSON, JSONL and Parquet cells keep their Python values (an object column each), so a null in an integer column
+    never turns the other cells into floats (`136060` -> `136060.0`); CSV cells are all text.
+    """
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory; give a data file")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     ext = path.lower().rsplit(".", 1)[-1]
@@ -34,18 +41,49 @@ def _read_table(path: str) -> pd.DataFrame:
         if ext == "csv":
             return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8")
         if ext in ("jsonl", "ndjson"):
-            return pd.read_json(path, lines=True, dtype=False, encoding="utf-8")
+            return _records_frame(_jsonl_records(path), path)
         if ext == "json":
-            return pd.read_json(path, dtype=False, encoding="utf-8")
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()):
+                return pd.DataFrame(data, dtype=object)  # pandas' default `to_json` layout: {column: {index: v}}
+            return _records_frame(data, path)
         if ext == "parquet":
-            return pd.read_parquet(path)
+            import pyarrow.parquet as pq
+
+            return _records_frame(pq.read_table(path).to_pylist(), path)
     except UnicodeDecodeError:
         raise DataError(f"{path}: {_first_bad_utf8(path)}; re-save the file as UTF-8") from None
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty; give a file with a header and at least one row") from None
-    except ValueError as err:
-        raise DataError(f"{path}: cannot be parsed as {ext}: {err}") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON at line {err.lineno} ({err.msg})") from None
+    except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{path}: cannot be parsed as {ext}: {' '.join(str(err).split())}") from None
     raise DataError(f"{path}: unsupported file type '.{ext}' (use .csv, .json, .jsonl or .parquet)")
+
+
+def _jsonl_records(path: str) -> list:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
+    if not records:
+        raise DataError(f"{path}: the file is empty; give a file with at least one row")
+    return records
+
+
+def _records_frame(records, path: str) -> pd.DataFrame:
+    """A list of JSON objects as a DataFrame of object columns (values as parsed; a key a row lacks is None)."""
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise DataError(f"{path}: expected one JSON object per row (a list of objects, or one per line)")
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    return pd.DataFrame({c: [r.get(c) for r in records] for c in columns}, columns=columns, dtype=object)
 
 
 def _first_bad_utf8(path: str) -> str:
@@ -94,6 +132,42 @@ def _missing(value) -> bool:
     )
 
 
+def _row_id(record: dict, column: str, path: str, number: int) -> str:
+    """A row's id as text, exactly as written (an integer stays an integer: never `136060.0`); empty is an error."""
+    value = record.get(column)
+    if _missing(value):
+        raise DataError(f"{path}: row {number}: the id is empty or missing (column '{column}'); every row needs an id")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # an integer column that pandas stored as doubles (it had a null): the id as written
+    if isinstance(value, bool) or not isinstance(value, (str, numbers.Integral)):
+        raise DataError(f"{path}: row {number}: the id {value!r} must be text or an integer")
+    return str(value)
+
+
+def _as_written(value) -> str:
+    return "an empty cell" if _missing(value) else repr(value.item() if hasattr(value, "item") else value)
+
+
+def _winner_flag(value, path: str, row_id: str, column: str) -> int:
+    """A winner cell as 0 or 1: accepts 0/1, booleans, 0.0/1.0 and their text spellings ("1", "1.0", "true")."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        flag = {"true": 1, "false": 0}.get(text)
+        if flag is None:
+            try:
+                number = float(text)
+            except ValueError:
+                number = None
+            flag = int(number) if number in (0.0, 1.0) else None
+    elif isinstance(value, (bool, numbers.Real)) and not _missing(value):
+        flag = int(value) if value in (0, 1) else None
+    else:
+        flag = None
+    if flag is None:
+        raise DataError(f"{path}: row id {row_id}: {column} is {_as_written(value)}; winner columns must be 0 or 1")
+    return flag
+
+
 def teacher_probs(values, where: str) -> list[float] | None:
     """Three teacher probabilities (A, B, tie) checked: finite, non-negative, summing to 1 (+-1e-3); all three
     missing -> None (the row has no teacher). `where` ("file: row id X") prefixes the `DataError`."""
@@ -125,8 +199,8 @@ def _kaggle_rows(df: pd.DataFrame, path: str) -> list[dict]:
     if labelled:
         _check_columns(df, WINNER_COLUMNS, path)
     rows = []
-    for record in df.to_dict("records"):
-        row_id = str(record["id"])
+    for number, record in enumerate(df.to_dict("records"), start=1):
+        row_id = _row_id(record, "id", path, number)
         turns = {c: [_text(t) for t in _turns(record[c], path, row_id, c)] for c in KAGGLE_COLUMNS[1:]}
         lengths = {c: len(v) for c, v in turns.items()}
         if len(set(lengths.values())) != 1:
@@ -135,10 +209,7 @@ def _kaggle_rows(df: pd.DataFrame, path: str) -> list[dict]:
             )
         label = -1
         if labelled:
-            try:
-                flags = [int(float(record[c])) for c in WINNER_COLUMNS]
-            except (TypeError, ValueError):
-                raise DataError(f"{path}: row id {row_id}: winner columns must be 0/1") from None
+            flags = [_winner_flag(record[c], path, row_id, c) for c in WINNER_COLUMNS]
             if sorted(flags) != [0, 0, 1]:
                 raise DataError(
                     f"{path}: row id {row_id}: exactly one of {list(WINNER_COLUMNS)} must be 1, got {flags}"
@@ -152,11 +223,13 @@ def _extra_rows(df: pd.DataFrame, path: str) -> list[dict]:
     """Rows of the arena-conversations schema: conversations are lists of {role, content} messages."""
     _check_columns(df, EXTRA_COLUMNS, path)
     rows = []
-    for record in df.to_dict("records"):
-        row_id = str(record["question_id"])
+    for number, record in enumerate(df.to_dict("records"), start=1):
+        row_id = _row_id(record, "question_id", path, number)
         winner = record["winner"]
-        if winner not in EXTRA_WINNERS:
-            raise DataError(f"{path}: row id {row_id}: winner {winner!r} is not one of {sorted(EXTRA_WINNERS)}")
+        if not isinstance(winner, str) or winner not in EXTRA_WINNERS:
+            raise DataError(
+                f"{path}: row id {row_id}: winner {_as_written(winner)} is not one of {sorted(EXTRA_WINNERS)}"
+            )
         sides = {}
         for side in ("a", "b"):
             column = f"conversation_{side}"

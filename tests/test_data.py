@@ -166,3 +166,112 @@ def test_cells_that_are_json_but_not_lists_are_refused(tmp_path):
 def test_one_character_responses_are_valid(tmp_path):
     ds = load_arena(write_csv(tmp_path / "short.csv", [kaggle_row(1, a=("A",), b=("?",))]))
     assert ds[0]["response_a"] == ["A"] and ds[0]["response_b"] == ["?"]
+
+
+# ------------------------------------------------------------------------------------------ ids (issue 15, item 3)
+
+
+def _write(path, rows):
+    """Rows to .csv / .jsonl / .json / .parquet by the suffix, as a user's tool would write them."""
+    df = pd.DataFrame(rows)
+    suffix = path.suffix
+    if suffix == ".csv":
+        df.to_csv(path, index=False)
+    elif suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows))
+    else:
+        df.to_parquet(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json", ".parquet"])
+def test_integer_ids_stay_as_written_in_every_format(tmp_path, suffix):
+    rows = [kaggle_row(136060), kaggle_row(211333, prompt=("x",)), kaggle_row(7, prompt=("y",))]
+    ds = load_arena(_write(tmp_path / f"ids{suffix}", rows))
+    assert ds["id"] == ["136060", "211333", "7"]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json", ".parquet"])
+@pytest.mark.parametrize("missing", ["null", "absent", "empty"])
+def test_missing_or_empty_id_is_refused_naming_file_and_row(tmp_path, suffix, missing):
+    rows = [kaggle_row(136060), kaggle_row(211333, prompt=("x",)), kaggle_row(7, prompt=("y",))]
+    if missing == "null":
+        rows[1]["id"] = None
+    elif missing == "absent":
+        del rows[1]["id"]
+    else:
+        for row in rows:
+            row["id"] = str(row["id"])  # one id column type (Parquet)
+        rows[1]["id"] = "  " if suffix != ".csv" else ""
+    path = _write(tmp_path / f"ids{suffix}", rows)
+    with pytest.raises(DataError, match=rf"ids{suffix}: row 2: the id is empty or missing") as err:
+        load_arena(path)
+    assert "nan" not in str(err.value) and "136060.0" not in str(err.value)
+
+
+def test_parquet_integer_ids_with_a_null_are_refused_at_that_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [kaggle_row(136060), kaggle_row(None, prompt=("x",))]
+    table = pa.Table.from_pylist(rows)
+    assert table.schema.field("id").type == pa.int64()
+    pq.write_table(table, tmp_path / "ids.parquet")
+    with pytest.raises(DataError, match=r"ids.parquet: row 2: the id is empty or missing"):
+        load_arena(str(tmp_path / "ids.parquet"))
+    pq.write_table(pa.Table.from_pylist(rows[:1]), tmp_path / "one.parquet")
+    assert load_arena(str(tmp_path / "one.parquet"))["id"] == ["136060"]
+
+
+def test_missing_question_id_of_the_extra_schema_is_refused(tmp_path):
+    conv = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    rows = [{"question_id": q, "winner": "tie", "conversation_a": conv, "conversation_b": conv} for q in (5, None)]
+    path = tmp_path / "extra.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"extra.jsonl: row 2: the id is empty or missing"):
+        load_arena(str(path))
+
+
+def test_bad_jsonl_line_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(kaggle_row(1)) + "\n" + "{not json\n")
+    with pytest.raises(DataError, match=r"bad.jsonl: line 2 is not valid JSON"):
+        load_arena(str(path))
+
+
+# ------------------------------------------------------------------------------------------ winners (item 7)
+
+
+@pytest.mark.parametrize("winner", [(0.5, 0, 1), (1.5, 0, 0), (-0.5, 0, 1), (2, 0, 0), ("1.0001", 0, 0),
+                                    ("yes", 0, 0), (1, 0, None)])
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_winner_cells_other_than_0_or_1_are_refused_as_written(tmp_path, winner, suffix):
+    path = _write(tmp_path / f"w{suffix}", [kaggle_row(1), kaggle_row(2, prompt=("x",), winner=winner)])
+    with pytest.raises(DataError, match=r"row id 2: .*must be 0 or 1") as err:
+        load_arena(path)
+    bad = next(v for v in winner if v not in (0, 1))
+    shown = "an empty cell" if bad is None else repr(str(bad) if suffix == ".csv" else bad)
+    column = "winner_model_a" if winner[0] == bad else "winner_tie"
+    assert f"{column} is {shown};" in str(err.value)
+
+
+@pytest.mark.parametrize("winner", [(1, 0, 0), (True, False, False), ("1", "0", "0"), ("1.0", "0.0", "0.0"),
+                                    ("True", "False", "False"), ("true", "false", "false")])
+def test_winner_spellings_of_0_and_1_are_accepted(tmp_path, winner):
+    path = tmp_path / "w.jsonl"
+    path.write_text(json.dumps(kaggle_row(1, winner=winner)) + "\n")
+    assert load_arena(str(path))["label"] == [0]
+    pd.DataFrame([kaggle_row(1, winner=winner)]).to_parquet(tmp_path / "w.parquet")
+    assert load_arena(str(tmp_path / "w.parquet"))["label"] == [0]
+
+
+@pytest.mark.parametrize("winner", [["tie"], None, 1.0, "Tie"])
+def test_extra_schema_winner_that_is_not_a_known_name_is_refused(tmp_path, winner):
+    conv = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    path = tmp_path / "extra.json"
+    path.write_text(json.dumps([{"question_id": "q1", "winner": winner, "conversation_a": conv,
+                                 "conversation_b": conv}]))
+    with pytest.raises(DataError, match=r"extra.json: row id q1: winner .* is not one of"):
+        load_arena(str(path))
