@@ -174,7 +174,7 @@ def letter_probs(logits, temperature: float = 1.0, swapped_logits=None, swap_wei
 
 @contextmanager
 def plain_forward(model, attention: str = "eager"):
-    """The model with its decoder layers uncompiled and `attention` kernel while inside: the reference forward of the
+    """The model with its decoder layers uncompiled and `attention` kernel while inside: the plain forward of the
     parity checks (rows of any length, no recompilation), restored on exit."""
     causal_lm = causal_lm_of(model)
     layers = decoder_layers(causal_lm)
@@ -192,7 +192,7 @@ def plain_forward(model, attention: str = "eager"):
 
 
 @torch.inference_mode()
-def reference_letter_logits(model, ids: list[int], letter_ids: list[int]) -> torch.Tensor:
+def unbatched_letter_logits(model, ids: list[int], letter_ids: list[int]) -> torch.Tensor:
     """The plain path, for parity checks only: one unpadded row, full forward, the letter head at its last token."""
     causal_lm = causal_lm_of(model)
     hidden = causal_lm.base_model(input_ids=torch.tensor([ids], device=model_device(model)), use_cache=False)
@@ -200,8 +200,8 @@ def reference_letter_logits(model, ids: list[int], letter_ids: list[int]) -> tor
 
 
 def plain_letter_logits(model, rows: list[list[int]], letter_ids: list[int]) -> np.ndarray:
-    """(N, 3) letter logits of token rows by the plain path, one row at a time (`reference_letter_logits`)."""
-    return np.stack([reference_letter_logits(model, ids, letter_ids).cpu().numpy() for ids in rows])
+    """(N, 3) letter logits of token rows by the plain path, one row at a time (`unbatched_letter_logits`)."""
+    return np.stack([unbatched_letter_logits(model, ids, letter_ids).cpu().numpy() for ids in rows])
 
 
 def parity_check(model, tokenizer, dataset, max_length: int, token_budget: int = 8192) -> dict:

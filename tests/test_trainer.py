@@ -185,7 +185,7 @@ def first_batch(trainer, size=None):
     return trainer._prepare_inputs(trainer.data_collator(examples))
 
 
-def reference_letter_logits(model, batch, letter_ids):
+def full_logits_letters(model, batch, letter_ids):
     """A/B/C logits at each answer position from the model's plain forward (full logits, no fused head)."""
     rows, positions = answer_positions(batch["labels"])
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -204,7 +204,7 @@ def test_weight_zero_equals_hard_path_and_mix_is_exact(rows, tiny_llama, tmp_pat
     hard = plain.compute_loss(plain.model, dict(hard_batch))
     assert torch.equal(zero.compute_loss(zero.model, dict(soft_batch)), hard)
     mixed = half.compute_loss(half.model, dict(soft_batch))
-    letters = reference_letter_logits(half.model, soft_batch, half.letter_ids)
+    letters = full_logits_letters(half.model, soft_batch, half.letter_ids)
     teacher = torch.tensor([TEACHER] * len(letters))
     soft = -(teacher * torch.log_softmax(letters, -1)).sum(-1).mean()
     assert mixed.item() == pytest.approx(0.5 * hard.item() + 0.5 * soft.item(), rel=1e-5)
@@ -243,7 +243,7 @@ def test_training_on_a_fixed_teacher_moves_letter_probabilities_toward_it(rows, 
     def kl_to_teacher():
         trainer.model.eval()
         with torch.no_grad():
-            probs = torch.softmax(reference_letter_logits(trainer.model, batch, trainer.letter_ids), -1)
+            probs = torch.softmax(full_logits_letters(trainer.model, batch, trainer.letter_ids), -1)
         return float((teacher * (teacher.log() - probs.log())).sum(-1).mean()), probs.mean(0)
 
     before, _ = kl_to_teacher()
@@ -327,7 +327,7 @@ def test_symmetry_penalty_enters_the_loss(rows, tiny_llama, tmp_path):
     sym = trainer_for(tiny_llama, tokenizer, train, config(tmp_path, swap_pairs=True, symmetry_weight=2.0))
     batch = first_batch(sym, 4)  # rows 0-3: two (row, swapped row) pairs
     plain.model.train(), sym.model.train()
-    letters = reference_letter_logits(sym.model, batch, sym.letter_ids)
+    letters = full_logits_letters(sym.model, batch, sym.letter_ids)
     expected = 2.0 * 2 * symmetry_penalty(letters).sum() / 4
     difference = sym.compute_loss(sym.model, dict(batch)) - plain.compute_loss(plain.model, dict(batch))
     assert difference.item() == pytest.approx(expected.item(), rel=1e-4) and expected > 0
