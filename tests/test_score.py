@@ -124,6 +124,7 @@ def test_adapter_base_model_check(tmp_path):
     adapter.mkdir()
     config = {"peft_type": "LORA", "base_model_name_or_path": "google/gemma-2-9b-it", "task_type": "CAUSAL_LM"}
     (adapter / "adapter_config.json").write_text(json.dumps(config))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")  # present (the base check does not read the weights)
     check_adapter_base(str(adapter), "/models/gemma-2-9b-it/")  # a local copy of the same hub model
     with pytest.raises(ValueError, match="trained on base model 'google/gemma-2-9b-it'.*--allow_base_mismatch"):
         check_adapter_base(str(adapter), "meta-llama/Llama-3.1-8B-Instruct")
