@@ -1,5 +1,6 @@
 """The training run's set-up around `ArenaSFTTrainer`: datasets, launch adaptation, output dir, checkpoints, push."""
 
+import json
 import logging
 import os
 import re
@@ -194,6 +195,64 @@ def check_output_dir(output_dir: str, resuming: bool, overwrite: bool) -> None:
         raise PermissionError(
             f"{output_dir}: the output directory cannot be written ({err.strerror}); choose another --output_dir"
         ) from None
+
+
+HPARAMS = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+           "packing", "max_length", "lr_scheduler_type", "warmup_steps", "weight_decay", "seed", "optim")
+LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "load_in_4bit")
+
+
+def model_card_sections(script_args, training_args, model_args, metrics: dict) -> str:
+    """The model card's own sections after TRL's: base model, data, hyper-parameters, validation metrics."""
+    validation = ", ".join(script_args.val_files) if script_args.val_files else (
+        f"grouped split of the train files, fraction {script_args.val_fraction}, fold {script_args.fold}")
+    hparams = {k: getattr(training_args, k) for k in HPARAMS} | {k: getattr(model_args, k) for k in LORA_KEYS}
+    return "\n".join([
+        "## Data", "", f"- base model: {model_args.model_name_or_path}",
+        f"- train files: {', '.join(script_args.train_files)}", f"- validation: {validation}",
+        f"- A/B swap augmentation: {script_args.swap_augment}", "", "## Hyper-parameters", "", "```json",
+        json.dumps(hparams, indent=2, default=str), "```", "", "## Validation metrics", "", "```json",
+        json.dumps(metrics, indent=2), "```", "",
+    ])
+
+
+FINAL_STAGING = ".lmsys-final"  # inside output_dir: the final files are written here first
+
+
+def save_outputs(trainer, output_dir: str, metrics: dict, use_peft: bool) -> None:
+    """Save the adapter, tokenizer, metrics.json and model card so that a reader never sees a partial set: everything
+    is written into a staging folder inside `output_dir` (all processes save: ZeRO-3 / FSDP gather), the adapter is
+    checked, then the files are moved into place one by one, the adapter weights last. A failed write (a full disk)
+    leaves none of this run's final files in `output_dir` and is a one-line error."""
+    from .io import write_json
+
+    staging = os.path.join(output_dir, FINAL_STAGING)
+    main = trainer.accelerator.is_main_process
+    try:
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)  # this project's own leftover of a killed save
+            os.makedirs(staging)
+        trainer.accelerator.wait_for_everyone()
+        trainer.save_model(staging)
+        if main:
+            if use_peft:
+                check_adapter(staging, trainer.model)
+            write_json(os.path.join(staging, "metrics.json"), metrics)
+            final_dir, trainer.args.output_dir = trainer.args.output_dir, staging  # TRL writes the card there
+            try:
+                trainer.create_model_card(model_name=os.path.basename(os.path.abspath(output_dir)))
+            finally:
+                trainer.args.output_dir = final_dir
+            for name in sorted(os.listdir(staging), key=lambda n: n == "adapter_model.safetensors"):
+                os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+    except OSError as err:
+        raise OSError(
+            f"{output_dir}: the trained adapter could not be saved ({err.strerror or err}); none of its final files "
+            "were written there (free some space, or choose another --output_dir, and resume from the last checkpoint)"
+        ) from None
+    finally:
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def push_to_hub(trainer, repo_id: str, token: str | None = None, private: bool | None = None) -> str:

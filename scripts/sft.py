@@ -6,15 +6,11 @@ Usage:
     accelerate launch scripts/sft.py recipes/gemma2_9b.yaml --learning_rate 1e-4 --push_to_hub true --hub_model_id me/x
 """
 
-import json
 import logging
 import os
 
 
 logger = logging.getLogger("lmsys_trl.sft")
-HPARAMS = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
-           "packing", "max_length", "lr_scheduler_type", "warmup_steps", "weight_decay", "seed", "optim")
-LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "load_in_4bit")
 
 
 def main(script_args, training_args, model_args):
@@ -22,17 +18,17 @@ def main(script_args, training_args, model_args):
     from transformers import set_seed
     from trl import get_peft_config, get_quantization_config
 
-    from lmsys_trl.io import write_json
     from lmsys_trl.kernels import attention_kwargs
     from lmsys_trl.model import letter_token_ids, load_tokenizer
     from lmsys_trl.trainer import AnswerMetrics, ArenaSFTTrainer
     from lmsys_trl.training import (
         adapt_to_launch,
         build_datasets,
-        check_adapter,
         check_output_dir,
+        model_card_sections,
         push_to_hub,
         resolve_resume,
+        save_outputs,
     )
 
     ###############
@@ -109,26 +105,12 @@ def main(script_args, training_args, model_args):
         trainer.log_metrics("eval", eval_metrics)
         metrics.update({k: v for k, v in eval_metrics.items() if k in ("eval_log_loss", "eval_accuracy", "eval_loss")})
 
-    ##################################
-    # Save the adapter, metrics, card
-    ##################################
-    trainer.save_model(out)
-    validation = ", ".join(script_args.val_files) if script_args.val_files else (
-        f"grouped split of the train files, fraction {script_args.val_fraction}, fold {script_args.fold}")
-    hparams = {k: getattr(training_args, k) for k in HPARAMS} | {k: getattr(model_args, k) for k in LORA_KEYS}
-    trainer.model_card_sections = "\n".join([
-        "## Data", "", f"- base model: {model_args.model_name_or_path}", f"- train files: "
-        f"{', '.join(script_args.train_files)}", f"- validation: {validation}",
-        f"- A/B swap augmentation: {script_args.swap_augment}", "", "## Hyper-parameters", "", "```json",
-        json.dumps(hparams, indent=2, default=str), "```", "", "## Validation metrics", "", "```json",
-        json.dumps(metrics, indent=2), "```", "",
-    ])
-    if trainer.accelerator.is_main_process:
-        if model_args.use_peft:
-            check_adapter(out, trainer.model)
-        write_json(os.path.join(out, "metrics.json"), metrics)  # atomic, like eval's outputs
-        trainer.create_model_card(model_name=os.path.basename(os.path.abspath(out)))
-        trainer.accelerator.print(f"Adapter saved to {os.path.abspath(out)}")
+    ##########################################################
+    # Save the adapter, tokenizer, metrics and card (atomic)
+    ##########################################################
+    trainer.model_card_sections = model_card_sections(script_args, training_args, model_args, metrics)
+    save_outputs(trainer, out, metrics, model_args.use_peft)
+    trainer.accelerator.print(f"Adapter saved to {os.path.abspath(out)}")
 
     #############
     # Push (once)

@@ -168,7 +168,8 @@ def test_resume_errors_are_one_line(tiny_llama, tmp_path, capsys):
         with pytest.raises(SystemExit) as exited:
             run_main(script.cli, sft_argv(tiny_llama, out, "--resume_from_checkpoint", resume))
         err = capsys.readouterr().err.strip().splitlines()
-        assert exited.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+        assert exited.value.code == 2 and err[-1].startswith("error: ") and expected in err[-1], err[-3:]
+        assert not any("Traceback" in line for line in err)
 
 
 @pytest.mark.parametrize("num_processes", [1, 2])
@@ -268,3 +269,33 @@ def test_adapter_saved_from_an_fsdp_gathered_state_dict_equals_the_plain_save(ti
     assert {t.dtype for t in load_file(tmp_path / "fsdp16" / "adapter_model.safetensors").values()} == {torch.bfloat16}
     with pytest.raises(RuntimeError, match="no LoRA weights of adapter 'default'"):
         save_sharded_adapter(model, {"lm_head.weight": torch.zeros(2)}, str(tmp_path / "fsdp"))
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_saving_leaves_no_partial_output_and_one_line(tiny_llama, tmp_path, capsys, monkeypatch):
+    """The tokenizer write runs out of space half way: one `error:` line, and the output folder holds none of the
+    run's final files (no truncated tokenizer.json beside a complete-looking adapter)."""
+    import errno
+
+    from transformers import PreTrainedTokenizerBase
+
+    from lmsys_trl.configs import run_main
+
+    def full_disk(self, save_directory, *args, **kwargs):
+        with open(os.path.join(save_directory, "tokenizer.json"), "w") as f:
+            f.write('{"truncat')
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", full_disk)
+    spec = importlib.util.spec_from_file_location("sft_script_disk", REPO / "scripts" / "sft.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        run_main(script.cli, sft_argv(tiny_llama, out, "--max_steps", "1", "--max_val_rows", "2"))
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert exited.value.code == 2 and "Traceback" not in err and len(errors) == 1, err[-2000:]
+    assert "No space left on device" in errors[0] and str(out) in errors[0]
+    assert not [f for f in os.listdir(out) if not f.startswith("runs")], os.listdir(out)  # nothing final, no staging
