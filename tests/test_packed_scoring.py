@@ -52,8 +52,10 @@ def test_packed_sequences_layout():
 
 @pytest.mark.parametrize(
     "family, attn",
-    [("llama", "sdpa"), ("llama", "eager"), pytest.param("llama", "lmsys_flex", marks=pytest.mark.slow),
-     ("gemma", "eager"), pytest.param("gemma", "lmsys_flex", marks=pytest.mark.slow)],
+    [("llama", "sdpa"), pytest.param("llama", "eager", marks=pytest.mark.slow),
+     pytest.param("llama", "lmsys_flex", marks=pytest.mark.slow),
+     pytest.param("gemma", "eager", marks=pytest.mark.slow),
+     pytest.param("gemma", "lmsys_flex", marks=pytest.mark.slow)],
 )
 def test_packed_scoring_equals_one_row_at_a_time(family, attn, arena_rows, tiny_llama, tiny_gemma):
     path = str(tiny_llama if family == "llama" else tiny_gemma)
@@ -89,6 +91,7 @@ def test_packed_scoring_applies_the_lora_adapter(arena_rows, tiny_llama):
     assert_same_probabilities(packed, plain)
 
 
+@pytest.mark.slow
 def test_pack_rows_key_scores_like_the_padded_path(arena_rows, tiny_llama, tmp_path):
     common = dict(data=["x.csv"], base_model=[str(tiny_llama)], max_length=[256], out=str(tmp_path), precision="fp32")
     scorers = []

@@ -104,6 +104,7 @@ def assert_same_gradients(grads, reference):
         torch.testing.assert_close(grads[name], reference[name], **TOL, msg=name)
 
 
+@pytest.mark.slow
 def test_packed_step_equals_padded_step(records, tmp_path):
     reference, _ = first_step(records, tmp_path)
     grads, trainer = first_step(records, tmp_path, **packed_keys(records, tmp_path))
@@ -111,6 +112,7 @@ def test_packed_step_equals_padded_step(records, tmp_path):
     assert_same_gradients(grads, reference)
 
 
+@pytest.mark.slow
 def test_regional_compilation_and_every_other_layer_checkpointed_give_the_same_step(records, tmp_path, monkeypatch):
     """accelerate's regional compilation (aot_eager: dynamo + AOT autograd without codegen, as CI has no GPU) and
     transformers' `every_n_layers` checkpointing on the packed path: the padded step's gradients."""
@@ -125,7 +127,7 @@ def test_regional_compilation_and_every_other_layer_checkpointed_give_the_same_s
     assert_same_gradients(grads, reference)
 
 
-@pytest.mark.parametrize("attn", ["eager", FLEX_ATTENTION])
+@pytest.mark.parametrize("attn", ["eager", pytest.param(FLEX_ATTENTION, marks=pytest.mark.slow)])
 def test_packed_rows_never_attend_across(records, attn):
     """Logits of each row inside a padding-free packed sequence (TRL's collator, padded to a multiple) equal those
     of the row alone through eager attention."""

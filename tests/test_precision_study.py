@@ -27,6 +27,7 @@ def test_row_log_loss_averages_to_the_log_loss():
     assert rows.mean() == pytest.approx(log_loss(probs, labels))
 
 
+@pytest.mark.slow
 def test_precision_mode_compares_with_the_baseline(benchmarks, tiny_llama, tmp_path):
     main = runpy.run_path(str(REPO / "benchmarks" / "benchmark.py"))["main"]
     results = tmp_path / "precision.jsonl"

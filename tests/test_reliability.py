@@ -168,6 +168,7 @@ def _foreign_roles(tokenizer):  # a template for human/gpt turns only: raises on
     (_foreign_roles, r"tiny: its chat template cannot render a user turn followed by an assistant turn "
                      r"\(Unknown role user\); give a chat model's tokenizer or set `tokenizer.chat_template`"),
 ], ids=["no template", "foreign roles"])
+@pytest.mark.slow
 def test_chat_template_missing_or_rejecting_roles(tiny_llama, tmp_path, capsys, edit, expected):
     """Entry 8, in both scripts (eval meets the rejecting template only when it formats rows, after loading)."""
     model = _model_with_tokenizer(tiny_llama, tmp_path / "tiny", edit)
@@ -178,6 +179,7 @@ def test_chat_template_missing_or_rejecting_roles(tiny_llama, tmp_path, capsys, 
     assert not (tmp_path / "train" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_answer_letters_that_are_not_single_tokens(tiny_llama, tmp_path, capsys):
     """Entry 9: a tokenizer whose normalizer splits 'A' (as tokenizers without a bare-letter token do)."""
     from tokenizers import normalizers
@@ -191,6 +193,7 @@ def test_answer_letters_that_are_not_single_tokens(tiny_llama, tmp_path, capsys)
     assert re.search(expected, one_line_error(capsys, "eval", eval_argv(model, PANDALM, tmp_path / "eval")))
 
 
+@pytest.mark.slow
 def test_adapter_problems_are_one_line(tiny_llama, tmp_path, capsys):
     """Entry 10 (plus an adapter dir without adapter_config.json) through scripts/eval.py."""
     adapter = tmp_path / "adapter"
@@ -270,6 +273,7 @@ def test_only_our_checked_errors_are_shortened(monkeypatch):
         run_main(lambda argv: load_arena([]))
 
 
+@pytest.mark.slow
 def test_scripts_run_as_programs_print_one_line(tmp_path):
     """The `__main__` wiring of both scripts: a real process, exit status 2, no traceback."""
     bad = _bad_file(tmp_path, "unequal turns")
@@ -303,6 +307,7 @@ def kill(process):
     assert process.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow
 def test_training_killed_mid_run_resumes_to_the_uninterrupted_weights(tiny_llama, tmp_path, capsys, caplog):
     steps = ["--max_steps", 4, "--max_val_rows", 1]
     saves = ["--save_strategy", "steps", "--save_steps", 1]
@@ -337,6 +342,7 @@ def test_training_killed_mid_run_resumes_to_the_uninterrupted_weights(tiny_llama
         torch.testing.assert_close(resumed[key], full[key], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_eval_killed_mid_run_leaves_no_partial_results_and_resume_reuses_the_cache(
     tiny_llama, tmp_path, monkeypatch
 ):

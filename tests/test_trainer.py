@@ -192,6 +192,7 @@ def full_logits_letters(model, batch, letter_ids):
     return logits[rows, positions][:, letter_ids]
 
 
+@pytest.mark.slow
 def test_weight_zero_equals_hard_path_and_mix_is_exact(rows, tiny_llama, tmp_path):
     data, tokenizer = rows
     plain = trainer_for(tiny_llama, tokenizer, formatted(data, tokenizer, teacher=False), config(tmp_path))
@@ -214,6 +215,7 @@ def test_weight_zero_equals_hard_path_and_mix_is_exact(rows, tiny_llama, tmp_pat
     assert math.isfinite(loss.item())
 
 
+@pytest.mark.slow
 def test_padding_free_batches_give_the_padded_soft_label_loss(rows, tiny_llama, tmp_path):
     data, tokenizer = rows
     padded_args = config(tmp_path, soft_label_weight=0.5)
@@ -233,6 +235,7 @@ def test_padding_free_batches_give_the_padded_soft_label_loss(rows, tiny_llama, 
         trainer._metrics["train"]["soft_label_loss"][-1], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_training_on_a_fixed_teacher_moves_letter_probabilities_toward_it(rows, tiny_llama, tmp_path):
     data, tokenizer = rows
     args = config(tmp_path, soft_label_weight=1.0, max_steps=4, learning_rate=3e-2)
@@ -253,6 +256,7 @@ def test_training_on_a_fixed_teacher_moves_letter_probabilities_toward_it(rows, 
     assert torch.allclose(mean_probs, teacher, atol=0.1), mean_probs
 
 
+@pytest.mark.slow
 def test_sft_script_trains_on_teacher_files_with_swap_pairs(tiny_llama, tmp_path):
     """scripts/sft.py end to end: --teacher_files (a predictions.parquet) + --swap_pairs + --soft_label_weight."""
     import importlib.util
@@ -320,6 +324,7 @@ def test_swap_pairs_refuse_rows_that_are_not_pairs(rows, tiny_llama, tmp_path):
         trainer.get_train_dataloader()
 
 
+@pytest.mark.slow
 def test_symmetry_penalty_enters_the_loss(rows, tiny_llama, tmp_path):
     data, tokenizer = rows
     train = formatted(data, tokenizer, pairs=True)

@@ -49,6 +49,7 @@ def trained(tiny_llama, tmp_path_factory):
     return trainer, metrics, out, create_repo, upload_folder
 
 
+@pytest.mark.slow
 def test_training_logs_loss_and_validation_log_loss(trained):
     trainer, metrics, out, *_ = trained
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -62,6 +63,7 @@ def test_training_logs_loss_and_validation_log_loss(trained):
     assert json.loads((out / "metrics.json").read_text()) == metrics
 
 
+@pytest.mark.slow
 def test_adapter_is_saved_non_trivial_and_every_lora_pair_trained(trained, tiny_llama):
     _, _, out, *_ = trained
     adapter = out / "adapter_model.safetensors"
@@ -82,6 +84,7 @@ def test_adapter_is_saved_non_trivial_and_every_lora_pair_trained(trained, tiny_
     assert (out / "tokenizer_config.json").exists()
 
 
+@pytest.mark.slow
 def test_model_card_names_base_data_hparams_and_metrics(trained, tiny_llama):
     _, metrics, out, *_ = trained
     card = (out / "README.md").read_text()
@@ -91,6 +94,7 @@ def test_model_card_names_base_data_hparams_and_metrics(trained, tiny_llama):
     assert f'"eval_log_loss": {metrics["eval_log_loss"]}' in card
 
 
+@pytest.mark.slow
 def test_push_to_hub_uploads_the_adapter_folder_once(trained):
     _, _, out, create_repo, upload_folder = trained
     create_repo.assert_called_once()
@@ -103,6 +107,7 @@ def test_push_to_hub_uploads_the_adapter_folder_once(trained):
     assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "tokenizer_config.json"} <= uploaded
 
 
+@pytest.mark.slow
 def test_push_failure_keeps_the_local_adapter_and_says_how_to_retry(trained):
     trainer, _, out, *_ = trained
     before = (out / "adapter_model.safetensors").read_bytes()
@@ -112,6 +117,7 @@ def test_push_failure_keeps_the_local_adapter_and_says_how_to_retry(trained):
     assert (out / "adapter_model.safetensors").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_the_hub_token_is_in_no_file_of_the_output_folder(trained):
     _, _, out, *_ = trained
     files = [os.path.join(root, f) for root, _, names in os.walk(out) for f in names]
@@ -119,6 +125,7 @@ def test_the_hub_token_is_in_no_file_of_the_output_folder(trained):
     assert not [f for f in files if HUB_TOKEN.encode() in open(f, "rb").read()]
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_ends_where_an_uninterrupted_run_ends(tiny_llama, tmp_path):
     steps = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--max_val_rows", "2"]
     run_sft_main(sft_argv(tiny_llama, tmp_path / "full", *steps))
@@ -173,6 +180,7 @@ def test_resume_errors_are_one_line(tiny_llama, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("num_processes", [1, 2])
+@pytest.mark.slow
 def test_accelerate_launch_on_cpu(tiny_llama, tmp_path, num_processes):
     out = tmp_path / f"launch{num_processes}"
     # accelerate's --cpu flag always runs one process; several CPU processes (gloo) come from the torchrun
@@ -213,6 +221,7 @@ def test_two_processes_train_packed_sequences(tiny_llama, tmp_path):
     assert "gradient_accumulation_steps 2 -> 1" in result.stderr
 
 
+@pytest.mark.slow
 def test_an_empty_adapter_file_is_refused(trained, tmp_path):
     from safetensors.torch import save_file
 
