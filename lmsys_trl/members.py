@@ -17,15 +17,30 @@ def rows_digest(dataset) -> str:
     return cache_key({c: dataset[c] for c in ("id", "prompt", "response_a", "response_b")})
 
 
+def _file_stamp(path: str) -> list:
+    """(name, size, mtime in ns) of a file: replaced or rewritten files change it (hashing GBs of weights would not
+    be worth it)."""
+    info = os.stat(path)  # follows links (the hub cache links snapshot files to blobs)
+    return [os.path.basename(path), info.st_size, info.st_mtime_ns]
+
+
+def model_stamp(path: str, keep=lambda name: True) -> list:
+    """The files of a local model folder that the logits depend on (weights, configs, tokenizer files: all but hidden
+    files and READMEs), stamped by size and mtime, so weights replaced at the same path invalidate the cache; a hub
+    id stays as written."""
+    if not os.path.isdir(path):
+        return [path]
+    names = sorted(
+        f for f in os.listdir(path)
+        if not f.startswith(".") and not f.lower().endswith(".md") and keep(f)
+        and os.path.isfile(os.path.join(path, f))
+    )
+    return [_file_stamp(os.path.join(path, f)) for f in names]
+
+
 def _adapter_stamp(adapter: str) -> list:
     """Size and mtime of a local adapter's files, so a retrained adapter invalidates its cache."""
-    if not os.path.isdir(adapter):
-        return [adapter]
-    return sorted(
-        (f, os.path.getsize(os.path.join(adapter, f)), os.path.getmtime(os.path.join(adapter, f)))
-        for f in os.listdir(adapter)
-        if f.startswith("adapter_")
-    )
+    return model_stamp(adapter, keep=lambda name: name.startswith("adapter_"))
 
 
 class MemberScorer:
@@ -37,20 +52,29 @@ class MemberScorer:
         self.model = self.tokenizer = None
         self.device, self.settings = args.scoring()
 
+    def cache_key(self, dataset, swapped: bool) -> str:
+        """Digest of everything the member's logits on `dataset` depend on: the rows, the swap, the base model's and
+        adapters' files (size and mtime of each), max length, precision, kernels and packing (see `SCORING_KEYS`;
+        compiling does not change them) and the device type."""
+        member = self.member
+        return cache_key(
+            {
+                "rows": rows_digest(dataset),
+                "swapped": swapped,
+                **{k: member[k] for k in ("base_model", "adapters", "max_length")},
+                "base_files": model_stamp(member["base_model"]),
+                "adapter_files": [_adapter_stamp(a) for a in member["adapters"]],
+                **{k: v for k, v in self.settings.items() if k != "compile_layers"},
+                "device_type": self.device.split(":")[0],
+            }
+        )
+
     def logits(self, dataset, tag: str, swapped: bool) -> np.ndarray:
         from .model import process_state
         from .scoring import score_dataset
 
         args, member = self.args, self.member
-        key = cache_key(
-            {
-                "rows": rows_digest(dataset),
-                "swapped": swapped,
-                **{k: member[k] for k in ("base_model", "adapters", "max_length")},
-                "adapter_files": [_adapter_stamp(a) for a in member["adapters"]],
-                **{k: v for k, v in self.settings.items() if k != "compile_layers"},  # what the logits depend on
-            }
-        )
+        key = self.cache_key(dataset, swapped)
         path = os.path.join(args.out, "members", f"{member['name']}-{tag}{'-swapped' if swapped else ''}.parquet")
         cached = None if args.rescore else load_logits(path, key, dataset["id"])
         if cached is not None:
