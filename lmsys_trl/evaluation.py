@@ -1,5 +1,6 @@
 """`scripts/eval.py`'s arguments (`EvalArguments`, the scoring settings they resolve to) and its metrics.json."""
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -88,12 +89,7 @@ class EvalArguments:
             raise ValueError("base_model is required: a local model path or hub id (one per member, or one for all)")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 <= self.swap_weight <= 1:
-            raise ValueError(f"swap_weight must be in [0, 1], got {self.swap_weight}")
-        if self.weights is not None and (min(self.weights) < 0 or sum(self.weights) <= 0):
-            raise ValueError(f"weights must be non-negative with a positive sum, got {self.weights}")
+        self._check_numbers()
         if self.pack_rows and self.max_batch_size is not None:
             raise ValueError("max_batch_size limits padded batches; pack_rows fills sequences of token_budget tokens")
         if self.pack_rows and self.token_budget is not None and self.token_budget < max(self.max_length):
@@ -103,6 +99,26 @@ class EvalArguments:
         if self.resume and self.rescore:
             raise ValueError("--resume reuses the cached member logits and --rescore discards them; give one")
         self.members()  # validates the per-member list lengths
+
+    def _check_numbers(self) -> None:
+        """Every numeric option finite and in range (NaN fails every comparison, so each check is written as what
+        must hold)."""
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+        for name in ("swap_weight", "empty_shift", "identical_shift"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:  # False for NaN
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if self.weights is not None and not (
+            all(math.isfinite(w) and w >= 0 for w in self.weights) and 0 < sum(self.weights) < math.inf
+        ):
+            raise ValueError(f"weights must be finite and >= 0 with a positive sum, got {self.weights}")
+        for name in ("max_rows", "token_budget", "max_batch_size"):
+            value = getattr(self, name)
+            if value is not None and not value >= 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not all(length >= 1 for length in self.max_length):
+            raise ValueError(f"max_length must be >= 1 for every member, got {self.max_length}")
 
     def scoring(self) -> tuple[str, dict]:
         """(device, scoring settings): this process's device and `resolve_scoring` of the `SCORING_KEYS`."""
@@ -138,6 +154,12 @@ class EvalArguments:
                 }
             )
         names = [m["name"] for m in members]
+        for name in names:  # a member's name names its cache files <out>/members/<name>-<tag>.parquet
+            if name in ("", ".", "..") or any(c in name for c in ("/", "\\", "\0")):
+                raise ValueError(
+                    f"member name {name!r} is not a plain name (empty, '.', '..' or with a path separator): give "
+                    "--member_names plain names, one per member"
+                )
         if len(set(names)) != len(names):
             for i, m in enumerate(members):
                 m["name"] = f"{i}-{m['name']}"
