@@ -16,18 +16,38 @@ import os
 
 def run(args) -> dict:
     """The scoring run for parsed `EvalArguments`; returns the metrics ({} for unlabelled data or a non-main process).
-    Imports stay inside, so `--help` needs no torch."""
+    The main process holds `--out` for the whole run (a second run into it is refused). Imports stay inside, so
+    `--help` needs no torch."""
+    from lmsys_trl.io import check_output_dir, clean_orphans, output_lock
+    from lmsys_trl.model import process_state
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    check_output_dir(args.out, args.overwrite or args.resume, members=False)
+    if not process_state().is_main_process:  # under `accelerate launch` the other processes only score shards
+        return _run(args)
+    with output_lock(args.out):
+        check_output_dir(args.out, args.overwrite or args.resume)  # again: a run may have finished before the lock
+        for path in clean_orphans(args.out):  # temp files of a killed run
+            logging.getLogger(__name__).info("Removed %s (left by a killed run)", path)
+        return _run(args)
+
+
+def _run(args) -> dict:
     import numpy as np
 
     from lmsys_trl.ensemble import calibrate, ensemble_probs, post_process
     from lmsys_trl.evaluation import labelled_metrics, load_data
-    from lmsys_trl.io import check_output_dir, remove_results, write_json, write_predictions, write_submission
+    from lmsys_trl.io import (
+        check_json,
+        check_probabilities,
+        clear_results,
+        write_json,
+        write_predictions,
+        write_submission,
+    )
     from lmsys_trl.members import score_members
     from lmsys_trl.model import process_state
     from lmsys_trl.report import write_report
-
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    check_output_dir(args.out, args.overwrite or args.resume)
 
     # 1. data: the rows to score (and labelled rows to fit temperature / weights on)
     members = args.members()
@@ -52,6 +72,7 @@ def run(args) -> dict:
     if args.post_process:
         probs, rules = post_process(probs, data["response_a"], data["response_b"], args.empty_shift,
                                     args.identical_shift)
+    check_probabilities(probs)  # finite, in [0, 1], summing to 1: checked before anything is written
 
     # 5. metrics of the labelled rows
     labels = np.asarray(data["label"])
@@ -60,13 +81,15 @@ def run(args) -> dict:
     if labelled.any():
         metrics = labelled_metrics(args, members, data, logits["data"], member_probs, probs, before, rules,
                                    calibration)
+        check_json(metrics, "metrics.json")
 
-    # 6. outputs, each written atomically: predictions, submission, metrics, report
+    # 6. outputs, each written atomically: the earlier run's results go first (so no file of it stays beside this
+    # run's), then predictions, submission, metrics, report
+    clear_results(args.out)
     write_predictions(os.path.join(args.out, "predictions.parquet"), data["id"], labels, member_probs, probs, rules)
     write_submission(os.path.join(args.out, "submission.csv"), data["id"], probs)
     print(f"Wrote {os.path.join(args.out, 'submission.csv')} ({len(data)} rows)")
-    if not metrics:  # unlabelled: submission only; drop results of an earlier run that --overwrite replaces
-        remove_results(args.out)
+    if not metrics:  # unlabelled: submission only
         return metrics
     write_json(os.path.join(args.out, "metrics.json"), metrics)
     if args.report:
