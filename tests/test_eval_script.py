@@ -3,6 +3,7 @@ refusals (existing results, base-model mismatch), ensembles and the shipped eval
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from dataclasses import fields
@@ -104,7 +105,7 @@ def test_unlabelled_kaggle_test_gives_a_submission_only(tiny_llama, tiny_adapter
     metrics = run(["--base_model", tiny_llama, "--adapters", tiny_adapter, "--data", KAGGLE_TEST, "--out", out,
                    "--max_length", 256, "--swap_tta"])
     assert metrics == {}
-    assert sorted(p.name for p in out.iterdir()) == ["members", "predictions.parquet", "submission.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "members", "predictions.parquet", "submission.csv"]
     submission = pd.read_csv(out / "submission.csv", dtype={"id": str})
     assert list(submission.columns) == ["id", "winner_model_a", "winner_model_b", "winner_tie"]
     expected_ids = pd.read_csv(KAGGLE_TEST, dtype=str)["id"].tolist()
@@ -182,3 +183,184 @@ def test_two_processes_shard_scoring_and_gather_in_input_order(tiny_llama, tiny_
     one, two = (pd.read_csv(d / "submission.csv", dtype={"id": str}) for d in (single, sharded))
     assert two["id"].tolist() == one["id"].tolist() == pd.read_csv(PANDALM, dtype=str)["id"].head(9).tolist()
     np.testing.assert_allclose(two.iloc[:, 1:].to_numpy(), one.iloc[:, 1:].to_numpy(), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ issue 15
+
+
+def one_line_error(capsys, argv) -> str:
+    """scripts/eval.py as its __main__ runs it: exit status 2 and a single `error:` line, no traceback."""
+    from lmsys_trl.configs import run_main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        run_main(load_script().main, [str(a) for a in argv])
+    assert exited.value.code == 2
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in stderr and len(errors) == 1 and stderr.rstrip().endswith(errors[0]), stderr[-2000:]
+    return errors[0]
+
+
+def base_only_argv(model, out, rows=4, *extra):
+    """A member without adapters (the tiny base model itself): a few seconds on the CPU."""
+    return ["--base_model", model, "--data", PANDALM, "--max_rows", rows, "--max_length", 256, "--out", out, *extra]
+
+
+def tiny_model_copy(tiny_llama, tmp_path):
+    import shutil
+
+    return shutil.copytree(tiny_llama, tmp_path / "base")
+
+
+def test_cache_is_keyed_on_the_base_model_files(tiny_llama, tmp_path, monkeypatch):
+    """Item 5: base weights replaced at the same path are scored again, not taken from the member cache."""
+    from safetensors.torch import load_file, save_file
+
+    base = tiny_model_copy(tiny_llama, tmp_path)
+    out = tmp_path / "eval"
+    run(base_only_argv(base, out, 4, "--report", "false"))
+    first = pd.read_parquet(out / "predictions.parquet")
+    weights = load_file(str(base / "model.safetensors"))
+    save_file({k: v * 1.5 if v.dim() > 1 else v for k, v in weights.items()}, str(base / "model.safetensors"),
+              metadata={"format": "pt"})
+    loads = []
+    load = MemberScorer._load
+    monkeypatch.setattr(MemberScorer, "_load", lambda self: loads.append(1) or load(self))
+    run(base_only_argv(base, out, 4, "--report", "false", "--overwrite", "true"))
+    second = pd.read_parquet(out / "predictions.parquet")
+    assert loads == [1], "the old logits of the replaced base model were reused"
+    assert not np.allclose(first["winner_model_a"], second["winner_model_a"])
+    # nothing changed: the cache is used
+    run(base_only_argv(base, out, 4, "--report", "false", "--overwrite", "true"))
+    assert loads == [1]
+
+
+def test_cache_key_follows_what_changes_the_logits(tiny_llama, tmp_path):
+    """Item 5: the key changes with the base model's weight / config files, the max length, the precision / kernels
+    and the rows, and stays put otherwise."""
+    from lmsys_trl.evaluation import load_data
+
+    base = tiny_model_copy(tiny_llama, tmp_path)
+
+    def key(*extra, swapped=False):
+        (args,) = parse((EvalArguments,), [str(a) for a in base_only_argv(base, tmp_path / "o", 4, *extra)])
+        return MemberScorer(args.members()[0], args).cache_key(load_data(args)["data"], swapped)
+
+    plain = key()
+    assert key() == plain
+    assert key(swapped=True) != plain
+    assert key("--max_rows", 3) != plain
+    assert key("--max_length", 200) != plain
+    assert key("--precision", "bf16") != plain
+    assert key("--attn_implementation", "sdpa") != plain
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))
+    assert key() != plain
+    changed = key()
+    os.utime(base / "model.safetensors", ns=(1, 1))
+    assert key() != changed
+
+
+@pytest.mark.parametrize(
+    "option, values, expected",
+    [
+        ("--temperature", ["nan"], "temperature must be a finite number > 0, got nan"),
+        ("--temperature", ["inf"], "temperature must be a finite number > 0, got inf"),
+        ("--temperature", ["0"], "temperature must be a finite number > 0, got 0"),
+        ("--weights", ["nan", "1"], r"weights must be finite and >= 0 with a positive sum, got \[nan, 1.0\]"),
+        ("--weights", ["inf", "1"], r"weights must be finite and >= 0 with a positive sum, got \[inf, 1.0\]"),
+        ("--weights", ["0", "0"], r"weights must be finite and >= 0 with a positive sum, got \[0.0, 0.0\]"),
+        ("--swap_weight", ["nan"], r"swap_weight must be in \[0, 1\], got nan"),
+        ("--empty_shift", ["2"], r"empty_shift must be in \[0, 1\], got 2"),
+        ("--empty_shift", ["-0.1"], r"empty_shift must be in \[0, 1\], got -0.1"),
+        ("--identical_shift", ["nan"], r"identical_shift must be in \[0, 1\], got nan"),
+        ("--max_rows", ["-1"], "max_rows must be >= 1, got -1"),
+        ("--max_rows", ["0"], "max_rows must be >= 1, got 0"),
+        ("--token_budget", ["0"], "token_budget must be >= 1, got 0"),
+        ("--max_batch_size", ["-3"], "max_batch_size must be >= 1, got -3"),
+        ("--max_length", ["0"], r"max_length must be >= 1 for every member, got \[0\]"),
+    ],
+)
+def test_numeric_options_are_checked(tmp_path, capsys, option, values, expected):
+    """Item 6: every numeric option is finite and in range, as a one-line error naming it; nothing is written."""
+    out = tmp_path / "out"
+    argv = ["--base_model", "unused", "--adapters", "a", "b", "--data", PANDALM, "--out", out, option, *values]
+    import re
+
+    line = one_line_error(capsys, argv)
+    assert re.search(expected, line), line
+    assert not out.exists()
+
+
+def test_final_probabilities_are_checked_before_anything_is_written(tiny_llama, tmp_path, capsys, monkeypatch):
+    """Item 6: non-finite logits (an overflowing model) never reach submission.csv / metrics.json."""
+    import lmsys_trl.scoring
+
+    monkeypatch.setattr(lmsys_trl.scoring, "score_dataset", lambda *a, **k: np.full((4, 3), np.nan))
+    out = tmp_path / "out"
+    line = one_line_error(capsys, base_only_argv(tiny_llama, out))
+    assert "final probabilities" in line and "not finite" in line
+    assert not any((out / f).exists() for f in RESULT_FILES)
+
+
+def test_overwrite_clears_the_earlier_runs_results(tiny_llama, tmp_path):
+    """Item 8: --overwrite true --report false leaves no report.html / plots of the earlier run beside new metrics."""
+    out = tmp_path / "eval"
+    run(base_only_argv(tiny_llama, out))
+    assert (out / "report.html").is_file() and (out / "reliability.png").is_file()
+    (out / "notes.md").write_text("mine")
+    run(base_only_argv(tiny_llama, out, 4, "--overwrite", "true", "--report", "false"))
+    names = {p.name for p in out.iterdir()}
+    assert {"metrics.json", "predictions.parquet", "submission.csv", "notes.md"} <= names
+    assert not names & {"report.html", "reliability.png", "confusion.png", "loss_by_length.png"}
+
+
+def test_a_second_run_into_the_same_out_is_refused(tiny_llama, tmp_path, capsys):
+    """Item 8: while one run holds --out (an exclusive flock on <out>/.lock), another is refused, writing nothing."""
+    import fcntl
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX);"
+         " print('locked', flush=True); time.sleep(60)", str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        line = one_line_error(capsys, base_only_argv(tiny_llama, out))
+        assert f"{out} is in use by another run" in line
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    with open(out / ".lock") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nothing left locked
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", ".", ""])
+def test_member_names_must_be_plain_names(tiny_llama, tmp_path, capsys, name):
+    """Hygiene: --member_names ../x would write <out>/../x-data.parquet."""
+    out = tmp_path / "deep" / "eval"
+    line = one_line_error(capsys, base_only_argv(tiny_llama, out, 4, "--member_names", name))
+    assert f"member name {name!r}" in line and "--member_names" in line
+    assert not (tmp_path / "deep").exists()
+
+
+def test_orphan_temp_files_are_cleaned_on_the_next_run(tiny_llama, tmp_path):
+    """Hygiene: a killed run's <file>.tmp-<pid> files go on the next run into that --out; outputs get 0644."""
+    out = tmp_path / "eval"
+    (out / "members").mkdir(parents=True)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    orphans = [out / f"submission.csv.tmp-{child.pid}", out / "members" / f"base-data.parquet.tmp-{child.pid}"]
+    for path in orphans:
+        path.write_text("partial")
+    old = os.umask(0o022)
+    try:
+        run(base_only_argv(tiny_llama, out, 4, "--report", "false"))
+    finally:
+        os.umask(old)
+    assert not any(p.exists() for p in orphans)
+    assert not list(out.rglob("*.tmp-*"))
+    for path in [out / "submission.csv", out / "metrics.json", *(out / "members").iterdir()]:
+        assert path.stat().st_mode & 0o777 == 0o644, path
