@@ -213,6 +213,7 @@ def tiny_model_copy(tiny_llama, tmp_path):
     return shutil.copytree(tiny_llama, tmp_path / "base")
 
 
+@pytest.mark.slow
 def test_cache_is_keyed_on_the_base_model_files(tiny_llama, tmp_path, monkeypatch):
     """Item 5: base weights replaced at the same path are scored again, not taken from the member cache."""
     from safetensors.torch import load_file, save_file
@@ -304,6 +305,7 @@ def test_final_probabilities_are_checked_before_anything_is_written(tiny_llama, 
     assert not any((out / f).exists() for f in RESULT_FILES)
 
 
+@pytest.mark.slow
 def test_overwrite_clears_the_earlier_runs_results(tiny_llama, tmp_path):
     """Item 8: --overwrite true --report false leaves no report.html / plots of the earlier run beside new metrics."""
     out = tmp_path / "eval"
