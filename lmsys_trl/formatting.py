@@ -10,7 +10,7 @@ from functools import lru_cache
 
 from datasets import Dataset
 
-from .data import LETTERS
+from .data import LETTERS, DataError
 
 
 HEADER = (
@@ -23,6 +23,10 @@ INFER_SPLIT = (300, 800, 800)  # prompt / response A / response B tokens for one
 
 class TemplateError(ValueError):
     """The tokenizer cannot render the records this project needs."""
+
+
+class BudgetError(ValueError):
+    """`max_length` cannot hold the fixed text and one turn (a prompt and two responses of at least a token each)."""
 
 
 def turn_block(index: int, prompt: str, response_a: str, response_b: str) -> str:
@@ -74,17 +78,27 @@ def _fixed_tokens(tokenizer, mode: str) -> int:
     return len(chat_token_ids(tokenizer, to_messages(render_text([]), 0 if mode == "train" else None)))
 
 
-def _cut_turn(turn, tokenizer, budget: int, mode: str):
-    """Cut a single over-long turn per part: train prompt budget//5 and half the rest each; infer 300/800/800."""
-    skeleton = _count(tokenizer, turn_block(1, "", "", ""))
-    left = max(budget - skeleton, 3)
+def _part_budgets(left: int, mode: str) -> tuple[int, int, int]:
+    """Token budgets of (prompt, response A, response B) of one over-long turn, given `left` tokens for the three:
+    train: prompt left//5, half the rest each; infer: 300/800/800, scaled down to `left`."""
     if mode == "train":
         prompt_budget = left // 5
-        parts = (prompt_budget, (left - prompt_budget) // 2, (left - prompt_budget) // 2)
-    else:
-        scale = min(1.0, left / sum(INFER_SPLIT))
-        parts = tuple(int(p * scale) for p in INFER_SPLIT)
-    return tuple(_head(tokenizer, text, n) for text, n in zip(turn, parts))
+        return prompt_budget, (left - prompt_budget) // 2, (left - prompt_budget) // 2
+    scale = min(1.0, left / sum(INFER_SPLIT))
+    return tuple(int(p * scale) for p in INFER_SPLIT)
+
+
+@lru_cache(maxsize=16)
+def _min_turn_tokens(tokenizer, mode: str) -> int:
+    """The smallest budget of one cut turn: its skeleton plus parts of at least one token each."""
+    left = next(n for n in range(1, sum(INFER_SPLIT) + 1) if min(_part_budgets(n, mode)) >= 1)
+    return _count(tokenizer, turn_block(1, "", "", "")) + left
+
+
+def _cut_turn(turn, tokenizer, budget: int, mode: str):
+    """Cut a single over-long turn per part (`_part_budgets` of what the turn's skeleton leaves)."""
+    left = budget - _count(tokenizer, turn_block(1, "", "", ""))
+    return tuple(_head(tokenizer, text, n) for text, n in zip(turn, _part_budgets(left, mode)))
 
 
 def _last_packed_row(turns, tokenizer, budget: int, mode: str):
@@ -114,8 +128,12 @@ def comparison_text(prompt, response_a, response_b, tokenizer, max_length: int, 
     turns = list(zip(prompt, response_a, response_b))
     fixed = _fixed_tokens(tokenizer, mode)
     budget = max_length - fixed
-    if budget < 16:
-        raise ValueError(f"max_length={max_length} leaves no room for a turn ({fixed} tokens are fixed text)")
+    least = _min_turn_tokens(tokenizer, mode)
+    if budget < least:
+        raise BudgetError(
+            f"max_length={max_length} cannot hold one turn: {mode} mode needs at least {fixed + least} tokens "
+            f"({fixed} of fixed text and chat template, {least} for a turn's skeleton and a token of each part)"
+        )
     label = 0 if mode == "train" else None
     while True:
         text = render_text(_last_packed_row(turns, tokenizer, budget, mode))
@@ -123,6 +141,12 @@ def comparison_text(prompt, response_a, response_b, tokenizer, max_length: int, 
         if excess <= 0:
             return text
         budget -= max(excess, 1)  # token merges at part boundaries: tighten and re-pack
+        if budget < least:  # (the merges of this row's text cost more than the estimate above)
+            raise BudgetError(
+                f"max_length={max_length} cannot hold one turn of this row: {mode} mode needs at least "
+                f"{max_length + 1} tokens for it ({fixed} of fixed text and chat template, a turn's skeleton and a "
+                "token of each part)"
+            )
 
 
 def format_example(example: dict, tokenizer, max_length: int, mode: str) -> dict:
@@ -142,7 +166,11 @@ def format_dataset(
     """
     if mode == "train" and len(dataset) and min(dataset["label"]) < 0:
         raise ValueError("training rows need labels (0/1/2); got unlabelled rows (label -1)")
-    _fixed_tokens(tokenizer, mode)  # fail early, before any worker starts
+    if mode not in ("train", "infer"):
+        raise ValueError(f"mode must be 'train' or 'infer', got {mode!r}")
+    fixed, least = _fixed_tokens(tokenizer, mode), _min_turn_tokens(tokenizer, mode)  # fail early, before any worker
+    if max_length < fixed + least:
+        comparison_text([""], [""], [""], tokenizer, max_length, mode)  # raises the BudgetError
     # Our own fingerprint: letting `datasets` hash the tokenizer (a 256k vocabulary) costs a minute per call.
     key = "|".join(map(str, (dataset._fingerprint, tokenizer.name_or_path, tokenizer.chat_template, max_length, mode)))
     fingerprint = hashlib.sha1(key.encode()).hexdigest()[:16]
@@ -151,14 +179,19 @@ def format_dataset(
         os.makedirs(cache_dir, exist_ok=True)
         cache_file = os.path.join(cache_dir, f"formatted-{fingerprint}.arrow")
     drop = [c for c in ("response_a", "response_b") if c in dataset.column_names]
-    formatted = dataset.map(
-        format_example,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "mode": mode},
-        remove_columns=["prompt", *drop],
-        num_proc=num_proc if num_proc and num_proc > 1 else None,
-        cache_file_name=cache_file,
-        new_fingerprint=fingerprint,
-        load_from_cache_file=cache_file is not None,
-        desc=f"Formatting ({mode}, max_length={max_length})",
-    )
+    try:
+        formatted = dataset.map(
+            format_example,
+            fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "mode": mode},
+            remove_columns=["prompt", *drop],
+            num_proc=num_proc if num_proc and num_proc > 1 else None,
+            cache_file_name=cache_file,
+            new_fingerprint=fingerprint,
+            load_from_cache_file=cache_file is not None,
+            desc=f"Formatting ({mode}, max_length={max_length})",
+        )
+    except (TemplateError, BudgetError, DataError) as err:
+        # From a `num_proc > 1` worker it is re-raised by multiprocess' pool: raise it here again, so that it reads
+        # as the checked error it is (`configs.run_main`: one line).
+        raise type(err)(str(err)) from err
     return formatted

@@ -142,3 +142,80 @@ def test_training_needs_labels(tokenizer):
 
     with pytest.raises(ValueError, match="training rows need labels"):
         format_dataset(load_arena(str(KAGGLE_TEST)), tokenizer, 512, "train")
+
+
+# ------------------------------------------------------------------------------------------ issue 15, item 9
+
+
+def _fixed(tokenizer, mode):
+    """Tokens of the record without any turn (header, options, chat template, the answer in training)."""
+    from lmsys_trl.formatting import render_text
+
+    return len(chat_token_ids(tokenizer, to_messages(render_text([]), 0 if mode == "train" else None)))
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_budgets_at_the_edge_of_the_fixed_text_end_or_are_refused(tokenizer, mode, monkeypatch):
+    """Every max_length from the fixed text up: the row fits (a head of every part kept), or a one-line refusal
+    saying how many tokens a turn needs. Before the fix a few values past the fixed text never returned."""
+    import lmsys_trl.formatting as formatting
+
+    calls = []
+    real = formatting._last_packed_row
+
+    def counted(*args):
+        calls.append(1)
+        assert len(calls) < 500, "the budget loop does not end"
+        return real(*args)
+
+    monkeypatch.setattr(formatting, "_last_packed_row", counted)
+    turn = (["long prompt " * 200], ["answer a " * 300], ["answer b " * 300])
+    fixed = _fixed(tokenizer, mode)
+    needed = None  # the smallest max_length that fits, walking down from one that surely does
+    for max_length in range(fixed + 60, fixed - 3, -1):
+        calls.clear()
+        try:
+            text = comparison_text(*turn, tokenizer, max_length, mode)
+        except ValueError as err:
+            message = str(err)
+            assert isinstance(err, formatting.BudgetError) and "needs at least" in message, message
+            assert f"max_length={max_length}" in message and "\n" not in message
+            assert int(message.split("needs at least ")[1].split()[0]) > max_length
+            needed = needed or max_length + 1
+            continue
+        assert needed is None, f"max_length={max_length} fits, but {needed - 1} was refused"
+        assert len(chat_token_ids(tokenizer, to_messages(text, 0 if mode == "train" else None))) <= max_length
+        body = text.split("#Prompt1\n")[1]
+        assert not body.startswith("\n#Response") and "\n##Model B\n\n###options" not in body  # no part emptied
+    assert needed is not None and needed <= fixed + 40  # small budgets still work; only the impossible is refused
+    calls.clear()
+    with pytest.raises(formatting.BudgetError, match=rf"needs at least {needed} "):
+        comparison_text(*turn, tokenizer, needed - 1, mode)
+
+
+@pytest.mark.slow
+def test_checked_error_in_a_formatting_worker_is_one_line(capsys):
+    """A TemplateError raised inside a `num_proc > 1` worker (here: a chat template that rejects one row's text)
+    reaches the user as the same one-line error, not the worker's traceback."""
+    from lmsys_trl.configs import run_main
+    from lmsys_trl.model import load_tokenizer
+
+    from conftest import TOKENIZERS
+
+    tokenizer = load_tokenizer(str(TOKENIZERS / "llama-3.1"))
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if 'FORBIDDEN' in m['content'] %}{{ raise_exception('no FORBIDDEN here') }}"
+        "{% endif %}{% endfor %}" + tokenizer.chat_template
+    )
+    rows = load_arena(str(ARENA_SAMPLE)).select(range(4)).to_list()
+    rows[3]["response_a"] = ["FORBIDDEN"] * len(rows[3]["response_a"])
+    from datasets import Dataset
+
+    dataset = Dataset.from_list(rows)
+    with pytest.raises(SystemExit) as exited:
+        run_main(lambda argv: format_dataset(dataset, tokenizer, 400, "train", num_proc=2))
+    assert exited.value.code == 2
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in stderr and len(errors) == 1 and stderr.rstrip().endswith(errors[0]), stderr[-3000:]
+    assert "its chat template cannot render" in errors[0] and "no FORBIDDEN here" in errors[0]

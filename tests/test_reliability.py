@@ -37,7 +37,7 @@ from test_data import kaggle_row, write_csv
 
 from lmsys_trl.configs import run_main
 from lmsys_trl.data import LETTERS
-from lmsys_trl.formatting import OPTIONS, chat_token_ids, format_example
+from lmsys_trl.formatting import OPTIONS, BudgetError, chat_token_ids, format_example, render_text, to_messages
 from lmsys_trl.io import RESULT_FILES
 
 from conftest import ARENA_SAMPLE, PANDALM, REPO
@@ -398,16 +398,28 @@ def _last_block(text: str) -> tuple[str, str, str]:
     return prompt, response_a, rest.split("\n" + OPTIONS)[0]
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(turns=TURNS, max_length=st.integers(150, 700), label=st.sampled_from([0, 1, 2]),
-       mode=st.sampled_from(["train", "infer"]))
+# A budget: absolute, or tokens above the fixed text (header, options, chat template) down to below it: the edge.
+MAX_LENGTH = st.integers(150, 700) | st.tuples(st.just("fixed +"), st.integers(-3, 40))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(turns=TURNS, max_length=MAX_LENGTH, label=st.sampled_from([0, 1, 2]), mode=st.sampled_from(["train", "infer"]))
 def test_formatting_invariants_on_random_rows(tokenizer, turns, max_length, label, mode):
-    """Random schema-valid rows (unicode, empty strings, many turns, over-long turns) through the real templates:
-    the rendered record fits max_length, has exactly one answer completion (train) or none (infer), and keeps the
-    last turn (whole, or a head of each part)."""
+    """Random schema-valid rows (unicode, empty strings, many turns, over-long turns) through the real templates,
+    at budgets down to the fixed text: the rendered record fits max_length, has exactly one answer completion (train)
+    or none (infer), and keeps the last turn (whole, or a head of each part); or, only where no turn fits, a
+    BudgetError saying how many tokens are needed (it returns: the budget loop never walks below zero)."""
+    if isinstance(max_length, tuple):
+        fixed = len(chat_token_ids(tokenizer, to_messages(render_text([]), 0 if mode == "train" else None)))
+        max_length = fixed + max_length[1]
     prompt, response_a, response_b = map(list, zip(*turns))
     row = {"prompt": prompt, "response_a": response_a, "response_b": response_b, "label": label}
-    record = format_example(row, tokenizer, max_length, mode)
+    try:
+        record = format_example(row, tokenizer, max_length, mode)
+    except BudgetError as err:
+        assert max_length < 150 and int(str(err).split("needs at least ")[1].split()[0]) > max_length
+        event("budget refused")
+        return
     assert len(chat_token_ids(tokenizer, record)) <= max_length
     text = record["prompt"][0]["content"]
     assert [m["role"] for m in record["prompt"]] == ["user"] and text.count(OPTIONS) == 1 and text.endswith(OPTIONS)
