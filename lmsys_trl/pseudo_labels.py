@@ -46,13 +46,34 @@ def pseudo_label_rows(data: Dataset, predictions: pd.DataFrame, include_labelled
     return pd.DataFrame(out, columns=["id", *KAGGLE_COLUMNS[1:], *WINNER_COLUMNS, *TEACHER_COLUMNS])
 
 
-def write_pseudo_labels(predictions_path: str, data_paths: list[str], out_path: str, include_labelled: bool = False,
-                        min_confidence: float = 0.0) -> pd.DataFrame:
-    """Read predictions + the scored data, write the pseudo-labelled training file (.csv or .parquet) atomically."""
-    if not os.path.isfile(predictions_path):
-        raise DataError(f"{predictions_path}: no such predictions file (scripts/eval.py writes predictions.parquet)")
+def check_out_path(out_path: str, inputs: dict[str, list[str]], overwrite: bool) -> None:
+    """The pseudo-label file may replace an earlier file only with `overwrite`, and never one of the inputs
+    (`inputs`: option -> paths), whatever `overwrite` says."""
     if not out_path.endswith((".csv", ".parquet")):
         raise ValueError(f"{out_path}: the pseudo-label file must end in .csv or .parquet")
+    if os.path.isdir(out_path):
+        raise IsADirectoryError(f"{out_path}: --out is a directory; give the pseudo-label file's path")
+    if not os.path.lexists(out_path):
+        return
+    for option, paths in inputs.items():
+        for path in paths:
+            same = os.path.realpath(path) == os.path.realpath(out_path)
+            if same or (os.path.exists(path) and os.path.exists(out_path) and os.path.samefile(path, out_path)):
+                raise ValueError(f"--out {out_path} is an input ({option} {path}); the pseudo-labels never replace "
+                                 "their input: give another --out")
+    if not overwrite:
+        raise FileExistsError(f"{out_path}: already exists; give another --out, or --overwrite true to replace it")
+
+
+def write_pseudo_labels(predictions_path: str, data_paths: list[str], out_path: str, include_labelled: bool = False,
+                        min_confidence: float = 0.0, overwrite: bool = False) -> pd.DataFrame:
+    """Read predictions + the scored data, write the pseudo-labelled training file (.csv or .parquet) atomically.
+    An existing `out_path` is replaced only with `overwrite`, an input file never."""
+    if not 0 <= min_confidence <= 1:  # NaN too
+        raise ValueError(f"--min_confidence must be a probability in [0, 1], got {min_confidence}")
+    check_out_path(out_path, {"--predictions": [predictions_path], "--data": list(data_paths)}, overwrite)
+    if not os.path.isfile(predictions_path):
+        raise DataError(f"{predictions_path}: no such predictions file (scripts/eval.py writes predictions.parquet)")
     predictions = pd.read_parquet(predictions_path)
     predictions["id"] = predictions["id"].astype(str)
     rows = pseudo_label_rows(load_arena(data_paths), predictions, include_labelled, min_confidence)

@@ -25,6 +25,10 @@ class PseudoLabelArguments:
     min_confidence: float = field(
         default=0.0, metadata={"help": "Keep only rows whose most likely class has at least this probability."}
     )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace an existing --out file (never one of the inputs: --data, --predictions)."},
+    )
 
 
 def main(argv=None):
@@ -32,7 +36,8 @@ def main(argv=None):
     from lmsys_trl.pseudo_labels import write_pseudo_labels
 
     (args,) = parse((PseudoLabelArguments,), argv)
-    rows = write_pseudo_labels(args.predictions, args.data, args.out, args.include_labelled, args.min_confidence)
+    rows = write_pseudo_labels(args.predictions, args.data, args.out, args.include_labelled, args.min_confidence,
+                               overwrite=args.overwrite)
     print(f"Wrote {args.out} ({len(rows)} pseudo-labelled rows)")
     return rows
 
