@@ -200,6 +200,9 @@ def test_adapter_problems_are_one_line(tiny_llama, tmp_path, capsys):
     adapter.mkdir()
     config = {"peft_type": "LORA", "base_model_name_or_path": "google/gemma-2-9b-it", "task_type": "CAUSAL_LM"}
     (adapter / "adapter_config.json").write_text(json.dumps(config))
+    line = one_line_error(capsys, "eval", eval_argv(tiny_llama, PANDALM, tmp_path / "w", "--adapters", adapter))
+    assert f"{adapter}: adapter_config.json but no adapter_model.safetensors" in line  # weights missing
+    (adapter / "adapter_model.safetensors").write_bytes(b"")  # present (the base check does not read it)
     line = one_line_error(capsys, "eval", eval_argv(tiny_llama, PANDALM, tmp_path / "a", "--adapters", adapter))
     assert f"adapter {adapter} was trained on base model 'google/gemma-2-9b-it', but --base_model is" in line
     assert "pass the matching --base_model, or --allow_base_mismatch true" in line
@@ -434,3 +437,116 @@ def test_formatting_invariants_on_random_rows(tokenizer, turns, max_length, labe
         assert bool(kept) == bool(original)  # a head of every non-empty part survives
     event("last turn cut" if last != turns[-1] else "last turn whole")
     event(f"{text.count('#Prompt')} of {len(turns)} turns kept" if len(turns) > 1 else "one turn")
+
+
+# ------------------------------------------------------------------------------------------ issue 15, item 1: the
+# demo model's export never deletes what this project did not write
+
+
+def _prepare_demo_model():
+    path = REPO / "scripts" / "prepare_demo_model.py"
+    spec = importlib.util.spec_from_file_location("prepare_demo_model_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture
+def fake_gguf(monkeypatch):
+    """A stand-in for the GGUF load (the real export takes a minute): any package with a folder, a tiny model and
+    tokenizer whose save_pretrained writes a few files; `fake_gguf` counts the loads."""
+    import transformers
+
+    loads = []
+
+    class Saved:
+        def __init__(self, files):
+            self.files, self.config, self.hf_quantizer, self.is_quantized = files, object(), None, False
+
+        def save_pretrained(self, folder):
+            for name, content in self.files.items():
+                with open(os.path.join(folder, name), "w") as f:
+                    f.write(content)
+            os.chmod(os.path.join(folder, name), 0o600)  # as safetensors writes its file
+
+    def model(*args, **kwargs):
+        loads.append(kwargs["gguf_file"])
+        return Saved({"config.json": "{}", "model.safetensors": kwargs["gguf_file"]})
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: Saved({"tokenizer.json": "{}"}))
+    return loads
+
+
+def _export_cli(capsys, out, gguf="m.gguf"):
+    """scripts/prepare_demo_model.py as its __main__ runs it; returns (exit status, stderr)."""
+    capsys.readouterr()
+    argv = ["--package", "json", "--gguf_file", gguf, "--out", str(out)]
+    module = _prepare_demo_model()
+    status = module.cli(argv) if hasattr(module, "cli") else module.main(argv) or 0
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [{"notes.txt": "mine"}, {"config.json": "{}", "weights.bin": "x"},
+                                     {"sub/deep.txt": "mine"}])
+def test_demo_model_export_refuses_a_folder_it_did_not_write(tmp_path, capsys, fake_gguf, content):
+    out = tmp_path / "models"
+    for name, text in content.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    before = _tree(tmp_path)
+    status, stderr = _export_cli(capsys, out)
+    assert status == 2 and stderr.count("\n") == 1 and stderr.startswith(f"error: {out}: "), stderr
+    assert "not an earlier export" in stderr and "nothing was deleted" in stderr
+    assert _tree(tmp_path) == before and fake_gguf == []
+
+
+def test_demo_model_export_refuses_a_file_and_the_current_folder(tmp_path, capsys, fake_gguf, monkeypatch):
+    (tmp_path / "file").write_text("mine")
+    status, stderr = _export_cli(capsys, tmp_path / "file")
+    assert status == 2 and "is not a folder" in stderr and (tmp_path / "file").read_text() == "mine"
+    monkeypatch.chdir(tmp_path)
+    status, stderr = _export_cli(capsys, ".")
+    assert status == 2 and "not an earlier export" in stderr and (tmp_path / "file").read_text() == "mine"
+
+
+def test_demo_model_export_writes_new_and_empty_folders_replaces_only_its_own(tmp_path, capsys, fake_gguf):
+    out = tmp_path / "a" / "model"
+    assert _export_cli(capsys, out) == (0, "")
+    written = _tree(out)
+    assert set(written) >= {"config.json", "model.safetensors", "tokenizer.json"}
+    marker = json.loads(written[".lmsys_trl_export"])
+    assert marker == {"package": "json", "gguf_file": "m.gguf", "files": sorted(set(written) - {".lmsys_trl_export"})}
+    assert {oct(p.stat().st_mode & 0o777) for p in [out, *out.iterdir()]} <= {"0o755", "0o644"}  # umask 022
+    assert _export_cli(capsys, out) == (0, "") and fake_gguf == ["m.gguf"]  # an earlier complete export: kept
+    assert _export_cli(capsys, out, gguf="other.gguf") == (0, "")  # another model: our own folder replaced
+    assert (out / "model.safetensors").read_text() == "other.gguf" and fake_gguf == ["m.gguf", "other.gguf"]
+    (out / "my_notes.txt").write_text("mine")  # a user's file inside an export is not ours to delete
+    status, stderr = _export_cli(capsys, out, gguf="third.gguf")
+    assert status == 2 and "my_notes.txt" in stderr and (out / "my_notes.txt").read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _export_cli(capsys, empty) == (0, "") and (empty / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "empty"]  # no temporary folder left behind
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["model"]
+
+
+def test_demo_model_export_failure_leaves_the_earlier_export(tmp_path, capsys, fake_gguf, monkeypatch):
+    import transformers
+
+    out = tmp_path / "model"
+    assert _export_cli(capsys, out) == (0, "")
+    before = _tree(out)
+
+    def broken(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", broken)
+    with pytest.raises(OSError, match="No space left"):
+        _export_cli(capsys, out, gguf="other.gguf")
+    assert _tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
