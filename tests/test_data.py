@@ -275,3 +275,9 @@ def test_extra_schema_winner_that_is_not_a_known_name_is_refused(tmp_path, winne
                                  "conversation_b": conv}]))
     with pytest.raises(DataError, match=r"extra.json: row id q1: winner .* is not one of"):
         load_arena(str(path))
+
+
+def test_a_folder_given_as_a_data_file_is_named(tmp_path):
+    (tmp_path / "train.csv").mkdir()
+    with pytest.raises(DataError, match=r"train.csv: is a directory; give a data file"):
+        load_arena(str(tmp_path / "train.csv"))
