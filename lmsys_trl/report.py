@@ -13,7 +13,32 @@ from .metrics import confusion_matrix, reliability_bins, row_log_loss
 
 UNIFORM_LOG_LOSS = math.log(3)
 PLOTS = ("reliability.png", "confusion.png", "loss_by_length.png")
+PLOT_TITLES = dict(zip(PLOTS, ("Reliability diagram", "Confusion matrix", "Log loss by conversation length")))
 CLASS_NAMES = {"A": "model A wins", "B": "model B wins", "C": "tie"}
+
+
+def class_shares(labels) -> np.ndarray:
+    """Share of rows of each class (A wins, B wins, tie) among `labels` (0 / 1 / 2)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    return np.bincount(labels, minlength=3)[:3] / max(len(labels), 1)
+
+
+def label_prior_log_loss(labels) -> float:
+    """Log loss of the label prior: predicting every row's class shares (of these very rows), whatever its text.
+
+    A model that reads the conversations must beat it; one that does not has learnt at most the class shares."""
+    shares = class_shares(labels)
+    present = shares > 0
+    return float(-(shares[present] * np.log(shares[present])).sum())
+
+
+def swap_tta_words(swap_tta: dict) -> str:
+    """`metrics["swap_tta"]` as a sentence."""
+    if not swap_tta or not swap_tta.get("enabled"):
+        return "Swap test-time augmentation: off (each row scored once, as given)."
+    weight = float(swap_tta.get("swap_weight", 0.5))
+    return (f"Swap test-time augmentation: on (each row also scored with responses A and B exchanged; the final "
+            f"probabilities weight the swapped pass {weight:g} and the original {1 - weight:g}).")
 
 
 def _pyplot():
@@ -36,7 +61,7 @@ def plot_reliability(probs, labels, path: str, num_bins: int = 10) -> str:
     """Accuracy vs top-label confidence per bin (diagonal = calibrated), with the row count of each bin."""
     plt = _pyplot()
     bins = reliability_bins(probs, labels, num_bins)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.5, 6), height_ratios=[3, 1], sharex=True)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 6), height_ratios=[3, 1], sharex=True)
     centers = [(b["low"] + b["high"]) / 2 for b in bins]
     filled = [b for b in bins if b["count"]]
     top.bar([(b["low"] + b["high"]) / 2 for b in filled], [b["accuracy"] for b in filled], width=1 / num_bins,
@@ -45,7 +70,7 @@ def plot_reliability(probs, labels, path: str, num_bins: int = 10) -> str:
              label="mean confidence")
     top.plot([0, 1], [0, 1], "--", color="gray", label="calibrated")
     top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="Reliability diagram (top label)")
-    top.legend(loc="upper left")
+    top.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)  # outside: never over a bar
     bottom.bar(centers, [b["count"] for b in bins], width=1 / num_bins, edgecolor="black", color="steelblue")
     bottom.set(xlabel="confidence of the predicted class", ylabel="rows")
     return _save(fig, path)
@@ -80,24 +105,25 @@ def length_bins(lengths, num_bins: int = 6):
 
 
 def plot_loss_by_length(probs, labels, lengths, path: str) -> str:
-    """Mean log loss per quantile bin of conversation length (characters of prompts + both responses)."""
+    """Mean log loss per quantile bin of conversation length (characters of prompts + both responses), with the
+    uniform guess and the label prior of these rows as lines; row counts under the bars, the legend outside."""
     plt = _pyplot()
     losses = row_log_loss(probs, labels)
     edges, index = length_bins(lengths)
     present = [b for b in range(len(edges) - 1) if (index == b).any()]
     means = [losses[index == b].mean() for b in present]
     counts = [int((index == b).sum()) for b in present]
-    names = [f"{int(edges[b])}–{int(edges[b + 1])}" for b in present]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    bars = ax.bar(range(len(present)), means, color="teal", edgecolor="black")
-    for bar, n in zip(bars, counts):
-        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"n={n}", ha="center", va="bottom", fontsize=8)
+    names = [f"{int(edges[b])}–{int(edges[b + 1])}\nn={n}" for b, n in zip(present, counts)]  # counts under the bars
+    prior = label_prior_log_loss(labels)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.bar(range(len(present)), means, color="teal", edgecolor="black", label="model (mean per bin)")
     ax.axhline(UNIFORM_LOG_LOSS, ls="--", color="gray", label=f"uniform guess ({UNIFORM_LOG_LOSS:.4f})")
-    ax.axhline(losses.mean(), ls=":", color="darkred", label=f"overall ({losses.mean():.4f})")
-    ax.set_xticks(range(len(present)), names, rotation=30, ha="right")
-    ax.set(xlabel="conversation length (characters)", ylabel="mean log loss", title="Log loss by conversation length",
-           ylim=(0, 1.3 * max(max(means), UNIFORM_LOG_LOSS)))
-    ax.legend(loc="upper center", ncol=2)
+    ax.axhline(prior, ls="-.", color="darkorange", label=f"label prior of these rows ({prior:.4f})")
+    ax.axhline(losses.mean(), ls=":", color="darkred", label=f"model overall ({losses.mean():.4f})")
+    ax.set_xticks(range(len(present)), names, fontsize=8)
+    ax.set(xlabel="conversation length (characters; n = rows in the bin)", ylabel="mean log loss",
+           title="Log loss by conversation length", ylim=(0, 1.15 * max(max(means), UNIFORM_LOG_LOSS, prior)))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)  # outside: never over a bar
     return _save(fig, path)
 
 
@@ -117,17 +143,39 @@ def _fmt(value) -> str:
     return html.escape("" if value is None else str(value))
 
 
+def _warnings(log_loss: float, prior: float) -> list[str]:
+    """A plain warning when the model does no better than a baseline that ignores the conversations."""
+    if log_loss <= prior:
+        return []
+    worse = "the uniform guess and " if log_loss > UNIFORM_LOG_LOSS else ""
+    return [
+        f"<p class='warning'><strong>Warning:</strong> the model's log loss ({log_loss:.4f}) is worse than "
+        f"{worse}the label prior ({prior:.4f}). Predicting the class shares of these rows for every row, without "
+        "reading a word of them, would score better: on these rows the model has not learnt to tell the better "
+        "answer (too little training, too few rows, or a bug in labels / letters / swaps).</p>"
+    ]
+
+
 def write_report(out_dir: str, metrics: dict, probs, labels, lengths) -> str:
     """Render the three plots and `report.html` (metrics, per-class / per-turn / per-member tables) into `out_dir`."""
     plot_reliability(probs, labels, os.path.join(out_dir, PLOTS[0]))
     plot_confusion(probs, labels, os.path.join(out_dir, PLOTS[1]))
     plot_loss_by_length(probs, labels, lengths, os.path.join(out_dir, PLOTS[2]))
-    overall = {"ensemble" if len(metrics.get("members", {})) > 1 else "model": metrics}
+    name = "ensemble" if len(metrics.get("members", {})) > 1 else "model"
+    shares = class_shares(labels)
+    prior = label_prior_log_loss(labels)
+    baselines = {
+        name: metrics,
+        "label prior (each row: these rows' class shares, A {:.0%} / B {:.0%} / tie {:.0%})".format(*shares): {
+            "rows": len(labels), "log_loss": prior, "accuracy": float(shares.max())},
+        "uniform guess (1/3 each)": {"rows": len(labels), "log_loss": UNIFORM_LOG_LOSS},
+    }
     sections = [
-        "<h2>Overall</h2>",
-        _table(overall),
-        f"<p>Uniform guess: {UNIFORM_LOG_LOSS:.4f}. Temperature: {_fmt(metrics['temperature']['value'])} "
-        f"({html.escape(metrics['temperature']['source'])}). Swap TTA: {html.escape(str(metrics['swap_tta']))}.</p>",
+        "<h2>Overall, beside two baselines that ignore the conversations</h2>",
+        _table(baselines),
+        *_warnings(metrics["log_loss"], prior),
+        f"<p>Temperature: {_fmt(metrics['temperature']['value'])} ({html.escape(metrics['temperature']['source'])})."
+        f" {html.escape(swap_tta_words(metrics.get('swap_tta')))}</p>",
         "<h2>Members</h2>",
         _table(metrics["members"], ("weight", "rows", "log_loss", "accuracy", "ece", "log_loss_no_tta"), "member"),
         "<h2>Per true class</h2>",
@@ -138,12 +186,14 @@ def write_report(out_dir: str, metrics: dict, probs, labels, lengths) -> str:
     if metrics.get("post_processing"):
         effect = html.escape(json.dumps(metrics["post_processing"], indent=2))
         sections += ["<h2>Post-processing</h2>", f"<pre>{effect}</pre>"]
-    sections += [f'<h2>{html.escape(name)}</h2><img src="{name}" alt="{name}">' for name in PLOTS]
-    sections += ["<h2>metrics.json</h2>", f"<pre>{html.escape(json.dumps(metrics, indent=2))}</pre>"]
+    sections += [f'<h2>{PLOT_TITLES[p]}</h2><img src="{p}" alt="{PLOT_TITLES[p]}">' for p in PLOTS]
+    sections += ["<h2>All metrics</h2>", "<p>As saved in metrics.json.</p>",
+                 f"<pre>{html.escape(json.dumps(metrics, indent=2))}</pre>"]
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>lmsys-trl evaluation</title><style>"
         "body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}</style></head><body>"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}"
+        ".warning{background:#fff3cd;border:1px solid #e0a800;padding:8px}</style></head><body>"
         f"<h1>lmsys-trl evaluation</h1><p>Data: {html.escape(', '.join(metrics.get('data', [])))}</p>"
         + "".join(sections) + "</body></html>"
     )
