@@ -308,3 +308,12 @@ def test_a_full_disk_while_saving_leaves_no_partial_output_and_one_line(tiny_lla
     assert exited.value.code == 2 and "Traceback" not in err and len(errors) == 1, err[-2000:]
     assert "No space left on device" in errors[0] and str(out) in errors[0]
     assert not [f for f in os.listdir(out) if not f.startswith("runs")], os.listdir(out)  # nothing final, no staging
+
+
+@pytest.mark.slow
+def test_training_logs_the_answer_log_loss_beside_trls_loss(trained):
+    """The A/B/C log loss of each step (what the task is scored on) is logged where TRL's loss is."""
+    trainer, *_ = trained
+    logged = [h for h in trainer.state.log_history if "answer_log_loss" in h]
+    assert len(logged) == 3 and all(math.isfinite(h["answer_log_loss"]) for h in logged)
+    assert all(h["answer_log_loss"] != h["loss"] for h in logged)  # the letter alone, not letter + end of turn
