@@ -3,13 +3,17 @@
 Rows may carry teacher probabilities (`teacher_a`, `teacher_b`, `teacher_tie` in the arena file, or `--teacher_files`
 = `predictions.parquet` of `scripts/eval.py`). `with_teacher_probs` turns them into the `teacher_probs` column (the
 one-hot label on rows without a teacher) that `lmsys_trl.trainer.ArenaSFTTrainer` turns into its soft-label loss.
-`pair_with_swaps` follows every row by its A/B swap for swap-consistent training (`swap_pairs`).
+`pair_with_swaps` follows every row by its A/B swap for swap-consistent training (`swap_pairs`); `PairedSampler`
+keeps the pairs together when the trainer shuffles, and `SoftLabelCollator` carries each row's targets into its batch.
 """
 
 import logging
 import os
+from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
+import torch
 from datasets import Dataset, concatenate_datasets
 
 from .data import TEACHER_COLUMNS, WINNER_COLUMNS, DataError, swap_row, teacher_probs
@@ -87,3 +91,45 @@ def pair_with_swaps(dataset: Dataset) -> Dataset:
     both = concatenate_datasets([dataset, swapped])
     n = len(dataset)
     return both.select([i + half * n for i in range(n) for half in (0, 1)])
+
+
+@dataclass
+class SoftLabelCollator:
+    """Wraps TRL's collator: adds `teacher_probs` (batch, seq, 3), each row's probabilities on all its tokens."""
+
+    collator: object
+
+    def __call__(self, examples: list[dict]) -> dict:
+        if TEACHER_PROBS not in examples[0]:
+            return self.collator(examples)
+        probs = [e[TEACHER_PROBS] for e in examples]
+        batch = self.collator([{k: v for k, v in e.items() if k != TEACHER_PROBS} for e in examples])
+        rows, width = batch["input_ids"].shape
+        if rows == len(examples):  # padded: one row each
+            batch[TEACHER_PROBS] = torch.tensor(probs, dtype=torch.float32)[:, None, :].expand(rows, width, 3)
+            return batch
+        per_token = [p for e, p in zip(examples, probs) for _ in e["input_ids"]]  # padding-free: rows in order
+        per_token += [[0.0] * 3] * (width - len(per_token))
+        batch[TEACHER_PROBS] = torch.tensor(per_token, dtype=torch.float32)[None]
+        return batch
+
+
+class PairedSampler(torch.utils.data.Sampler):
+    """Shuffles pairs (2k, 2k+1) of a `pair_with_swaps` dataset, never splitting one (reshuffled each epoch)."""
+
+    def __init__(self, num_rows: int, seed: int = 42):
+        if num_rows % 2:
+            raise ValueError(f"swap pairs need an even number of rows, got {num_rows}")
+        self.num_rows, self.seed, self.epoch = num_rows, seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.num_rows
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows // 2)
+        for pair in order.tolist():
+            yield 2 * pair
+            yield 2 * pair + 1

@@ -23,7 +23,7 @@ from trl import SFTConfig, SFTTrainer
 
 from .metrics import accuracy, log_loss, softmax
 from .model import causal_lm_of, letter_logits_from_hidden, letter_token_ids
-from .teachers import TEACHER_PROBS
+from .teachers import TEACHER_PROBS, PairedSampler, SoftLabelCollator
 
 
 logger = logging.getLogger(__name__)
@@ -100,48 +100,6 @@ class AnswerMetrics:
         predictions = predictions[~np.isnan(predictions).any(axis=1)]  # padding of uneven shards, if any
         probs, targets = softmax(predictions[:, :3]), predictions[:, 3].astype(int)
         return {"log_loss": log_loss(probs, targets), "accuracy": accuracy(probs, targets)}
-
-
-@dataclass
-class SoftLabelCollator:
-    """Wraps TRL's collator: adds `teacher_probs` (batch, seq, 3), each row's probabilities on all its tokens."""
-
-    collator: object
-
-    def __call__(self, examples: list[dict]) -> dict:
-        if TEACHER_PROBS not in examples[0]:
-            return self.collator(examples)
-        probs = [e[TEACHER_PROBS] for e in examples]
-        batch = self.collator([{k: v for k, v in e.items() if k != TEACHER_PROBS} for e in examples])
-        rows, width = batch["input_ids"].shape
-        if rows == len(examples):  # padded: one row each
-            batch[TEACHER_PROBS] = torch.tensor(probs, dtype=torch.float32)[:, None, :].expand(rows, width, 3)
-            return batch
-        per_token = [p for e, p in zip(examples, probs) for _ in e["input_ids"]]  # padding-free: rows in order
-        per_token += [[0.0] * 3] * (width - len(per_token))
-        batch[TEACHER_PROBS] = torch.tensor(per_token, dtype=torch.float32)[None]
-        return batch
-
-
-class PairedSampler(torch.utils.data.Sampler):
-    """Shuffles pairs (2k, 2k+1) of a `pair_with_swaps` dataset, never splitting one (reshuffled each epoch)."""
-
-    def __init__(self, num_rows: int, seed: int = 42):
-        if num_rows % 2:
-            raise ValueError(f"swap pairs need an even number of rows, got {num_rows}")
-        self.num_rows, self.seed, self.epoch = num_rows, seed, 0
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
-
-    def __len__(self):
-        return self.num_rows
-
-    def __iter__(self):
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows // 2)
-        for pair in order.tolist():
-            yield 2 * pair
-            yield 2 * pair + 1
 
 
 def soft_label_loss(letter_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
