@@ -73,6 +73,10 @@ class EvalArguments:
         None, "torch.compile the decoder layers (default: on GPU with packed rows, one fixed shape)."
     )
     max_rows: int | None = option(None, "Score only the first N rows of --data (quick runs).")
+    tokenize_workers: int | None = option(None, "Worker processes that format and tokenise the rows (and, with "
+                                          "swap_tta, their swaps in the same pool while the first pass is scored); "
+                                          "default: one per CPU, at most 16. 1: in this process. Under 400 rows "
+                                          "they are always tokenised in this process.")
     overwrite: bool = option(False, "Replace results already in --out.")
     rescore: bool = option(False, "Ignore cached member logits in <out>/members and re-run the models.")
     resume: bool = option(False, "Continue an interrupted run in --out: reuse the member logits it cached (as every "
@@ -113,7 +117,7 @@ class EvalArguments:
             all(math.isfinite(w) and w >= 0 for w in self.weights) and 0 < sum(self.weights) < math.inf
         ):
             raise ValueError(f"weights must be finite and >= 0 with a positive sum, got {self.weights}")
-        for name in ("max_rows", "token_budget", "max_batch_size"):
+        for name in ("max_rows", "token_budget", "max_batch_size", "tokenize_workers"):
             value = getattr(self, name)
             if value is not None and not value >= 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")

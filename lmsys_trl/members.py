@@ -51,6 +51,7 @@ class MemberScorer:
         self.member, self.args = member, args
         self.model = self.tokenizer = None
         self.device, self.settings = args.scoring()
+        self._encodings = {}  # (tag, swapped) -> the scoring.RowEncoding tokenising that pass in the background
 
     def cache_key(self, dataset, swapped: bool) -> str:
         """Digest of everything the member's logits on `dataset` depend on: the rows, the swap, the base model's and
@@ -69,41 +70,68 @@ class MemberScorer:
             }
         )
 
-    def logits(self, dataset, tag: str, swapped: bool) -> np.ndarray:
+    def _path(self, tag: str, swapped: bool) -> str:
+        name = f"{self.member['name']}-{tag}{'-swapped' if swapped else ''}.parquet"
+        return os.path.join(self.args.out, "members", name)
+
+    def cached(self, dataset, tag: str, swapped: bool) -> np.ndarray | None:
+        """The pass's logits from the member cache (None when absent, stale or `--rescore`)."""
+        if self.args.rescore:
+            return None
+        path = self._path(tag, swapped)
+        cached = load_logits(path, self.cache_key(dataset, swapped), dataset["id"])
+        if cached is not None:
+            logger.info("Member %s: cached logits %s", self.member["name"], path)
+        return cached
+
+    def logits(self, dataset, tag: str, swapped: bool, also=()) -> np.ndarray:
+        """The member's letter logits of one pass over `dataset` (cached, or scored and saved). `also`: passes
+        (`swapped` values) that will be asked for next: their rows are tokenised in the same worker pool, in the
+        background while this pass is scored (`scoring.RowEncoding`)."""
         from .model import process_state
-        from .scoring import score_dataset
+        from .scoring import RowEncoding, score_dataset
 
         args, member = self.args, self.member
-        key = self.cache_key(dataset, swapped)
-        path = os.path.join(args.out, "members", f"{member['name']}-{tag}{'-swapped' if swapped else ''}.parquet")
-        cached = None if args.rescore else load_logits(path, key, dataset["id"])
+        cached = self.cached(dataset, tag, swapped)
         if cached is not None:
-            logger.info("Member %s: cached logits %s", member["name"], path)
             return cached
         state = process_state()
         shard = list(range(len(dataset)))
         if state.num_processes > 1:  # data-parallel under `accelerate launch`: a contiguous shard per process
             with state.split_between_processes(shard) as mine:
                 shard = list(mine)
+        rows = dataset.select(shard)
+        encoding = self._encodings.pop((tag, swapped), None)
+        if encoding is None:  # tokenising starts before the model loads (a pool forks from the lighter process)
+            passes = [swapped, *(p for p in also if p != swapped)]
+            encoding = RowEncoding(rows, self._load_tokenizer(), member["max_length"], passes, args.tokenize_workers)
+            self._encodings.update({(tag, p): encoding for p in passes[1:]})
         self._load()
         logits = score_dataset(
-            self.model, self.tokenizer, dataset.select(shard), member["max_length"], swapped,
+            self.model, self.tokenizer, rows, member["max_length"], swapped,
             self.settings["token_budget"], self.settings["max_batch_size"], self.settings["pack_rows"],
+            rows=encoding.rows(swapped),
         )
         if state.num_processes > 1:
             logits = gather_shards(len(dataset), shard, logits)
         if state.is_main_process:
-            save_logits(path, key, dataset["id"], logits)
+            save_logits(self._path(tag, swapped), self.cache_key(dataset, swapped), dataset["id"], logits)
         return logits
+
+    def _load_tokenizer(self):
+        if self.tokenizer is None:
+            from .scoring import load_scoring_tokenizer
+
+            self.tokenizer = load_scoring_tokenizer(self.member["base_model"], self.args.trust_remote_code)
+        return self.tokenizer
 
     def _load(self):
         if self.model is not None:
             return
         from .model import load_model
-        from .scoring import load_scoring_tokenizer
 
         args, member = self.args, self.member
-        self.tokenizer = load_scoring_tokenizer(member["base_model"], args.trust_remote_code)
+        self._load_tokenizer()
         settings = self.settings
         self.model = load_model(
             member["base_model"], member["adapters"], settings["precision"], self.device,
@@ -112,6 +140,9 @@ class MemberScorer:
         )
 
     def release(self):
+        for encoding in self._encodings.values():
+            encoding.close()
+        self._encodings.clear()
         if self.model is not None:
             from accelerate.utils.memory import clear_device_cache
 
@@ -134,10 +165,16 @@ def gather_shards(total: int, shard: list[int], logits: np.ndarray) -> np.ndarra
 def score_members(args, members: list[dict], datasets: dict) -> dict:
     """{tag: {member name: (logits, swapped logits or None)}} for every dataset tag; one model in memory at a time."""
     out = {tag: {} for tag in datasets}
+    passes = [True, False] if args.swap_tta else [False]
     for member in members:
         scorer = MemberScorer(member, args)
-        for tag, dataset in datasets.items():
-            swapped = scorer.logits(dataset, tag, swapped=True) if args.swap_tta else None
-            out[tag][member["name"]] = (scorer.logits(dataset, tag, swapped=False), swapped)
-        scorer.release()
+        try:
+            for tag, dataset in datasets.items():
+                logits = {p: scorer.cached(dataset, tag, p) for p in passes}
+                todo = [p for p in passes if logits[p] is None]  # tokenised together, in one pool
+                for p in todo:
+                    logits[p] = scorer.logits(dataset, tag, p, also=todo)
+                out[tag][member["name"]] = (logits[False], logits[True] if args.swap_tta else None)
+        finally:
+            scorer.release()
     return out

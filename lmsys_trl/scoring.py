@@ -10,14 +10,23 @@ Either way only each row's last hidden state meets the LM head, and only its thr
 (`model.letter_logits_from_hidden(fp32_head=True)`). Loading (merge, FP8, compile) is `model.load_model`'s job.
 """
 
+import os
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import swap_row
-from .formatting import chat_token_ids, format_example
+from .data import DataError, swap_row
+from .formatting import (
+    BudgetError,
+    TemplateError,
+    _fixed_tokens,
+    _min_turn_tokens,
+    chat_token_ids,
+    comparison_text,
+    format_example,
+)
 from .kernels import decoder_layers
 from .metrics import softmax
 from .model import causal_lm_of, letter_logits_from_hidden, letter_token_ids, load_tokenizer
@@ -33,17 +42,166 @@ def load_scoring_tokenizer(base_model: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def encode_rows(dataset, tokenizer, max_length: int, swapped: bool = False) -> list[list[int]]:
-    """Token ids of each arena row's inference prompt (A/B exchanged when `swapped`), in input order.
+ROW_ERRORS = (BudgetError, DataError, TemplateError)  # checked errors of one row: raised naming the row
+CHUNK_ROWS = 64  # rows per worker task: 50k rows -> ~800 tasks, balanced over 16 workers, little pickling each
+MIN_POOL_ROWS = 400  # fewer rows (all passes together) are encoded in the plain loop: see `encoding_workers`
+MAX_WORKERS = 16
 
-    A plain loop over `formatting.format_example`: a `datasets.map` would hash the tokenizer for its fingerprint,
-    which costs more than formatting a few thousand rows.
-    """
-    rows = []
-    for row in tqdm(dataset, desc=f"Formatting{' swapped' if swapped else ''} rows (max_length={max_length})"):
+
+def default_workers() -> int:
+    """Worker processes for tokenising when none are given: this process's CPUs (its affinity mask), shared between
+    the processes of an `accelerate launch` on this host, at most `MAX_WORKERS`."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, min(MAX_WORKERS, cpus // max(local, 1)))
+
+
+def encoding_workers(rows: int, workers: int | None) -> int:
+    """Processes to tokenise `rows` rows with: 1 (the plain loop, in this process) for `workers` 1 and for fewer
+    than `MIN_POOL_ROWS` rows; else `workers` (None: `default_workers()`), at most one per `CHUNK_ROWS` rows.
+
+    MIN_POOL_ROWS (docs/benchmarks.md, issue 17): starting and stopping a forked pool of 2 took 0.17 s on the 2-core
+    dev box (2 rows: 0.20 s against 0.04 s in the loop); on 16 cores the loop does 333 arena rows/s and 16 workers
+    ~2,600, so a pool pays off from roughly 100-200 rows, and below 400 rows it would save under a second: small runs
+    and the CPU test-suite keep the loop."""
+    if workers is not None and workers < 1:
+        raise ValueError(f"tokenize_workers must be >= 1, got {workers}")
+    workers = default_workers() if workers is None else workers
+    if rows < MIN_POOL_ROWS:
+        return 1
+    return max(1, min(workers, -(-rows // CHUNK_ROWS)))
+
+
+def encode_row(row: dict, tokenizer, max_length: int, swapped: bool = False) -> list[int]:
+    """Token ids of one arena row's inference prompt (A/B exchanged when `swapped`); a checked error of the row
+    (`ROW_ERRORS`) is raised again naming the row's id."""
+    try:
         record = format_example(swap_row(row) if swapped else row, tokenizer, max_length, "infer")
-        rows.append(chat_token_ids(tokenizer, record))
-    return rows
+        return chat_token_ids(tokenizer, record)
+    except ROW_ERRORS as err:
+        raise type(err)(f"row {row.get('id')!r}{' (A/B swapped)' if swapped else ''}: {err}") from None
+
+
+def _check_budget(tokenizer, max_length: int) -> None:
+    """The BudgetError of a `max_length` too small for any row, raised once before any row is encoded (not per
+    row: it is no row's fault)."""
+    if max_length < _fixed_tokens(tokenizer, "infer") + _min_turn_tokens(tokenizer, "infer"):
+        comparison_text([""], [""], [""], tokenizer, max_length, "infer")  # raises the BudgetError
+
+
+# A worker's dataset and tokenizer: set by `_init_worker` (inherited by fork, pickled once per worker otherwise).
+_WORKER = {}
+
+
+def _init_worker(dataset, tokenizer, max_length: int) -> None:
+    _WORKER.update(dataset=dataset, tokenizer=tokenizer, max_length=max_length)
+
+
+def _encode_chunk(start: int, stop: int, swapped: bool):
+    """Rows [start, stop) of the worker's dataset encoded: (flat int32 token ids, row lengths); two arrays pickle far
+    faster than thousands of lists of ints."""
+    batch = _WORKER["dataset"][start:stop]
+    rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    encoded = [encode_row(row, _WORKER["tokenizer"], _WORKER["max_length"], swapped) for row in rows]
+    flat = np.fromiter((t for ids in encoded for t in ids), dtype=np.int32, count=sum(map(len, encoded)))
+    return flat, np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+
+
+def _unflatten(flat: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
+    ids = flat.tolist()
+    ends = np.cumsum(lengths).tolist()
+    return [ids[end - n:end] for end, n in zip(ends, lengths.tolist())]
+
+
+class RowEncoding:
+    """Token ids of arena rows' inference prompts for one or more passes (`swapped` False / True), in input order.
+
+    With one worker (`workers` 1, or fewer than `MIN_POOL_ROWS` rows) each pass is the plain loop of `encode_row`,
+    run when `rows(swapped)` asks for it. Otherwise every pass's chunks go to one process pool at once, in the order
+    of `passes`: `rows(first pass)` returns as soon as its chunks are done, while the pool goes on with the next pass
+    (the swap TTA rows are tokenised while the GPU scores the first pass). The pool forks where it can (the
+    tokenizer and dataset are inherited, not pickled) and is shut down once every pass is collected, or by `close`.
+
+    A process pool, not `datasets.Dataset.map(num_proc=...)` (with our own fingerprint, in memory, no cache file):
+    measured with the gemma-2 tokenizer on 400 arena rows on a 16-core host (docs/benchmarks.md, issue 17), `map`
+    with 4 processes ran at 15.9 rows/s, the pool at 910 (the loop: 320). `map` dill-pickles the tokenizer (27 MB,
+    7 s) into the job of every shard and each worker unpickles it (2 s); a forked pool inherits it. Nor can `map`
+    hand over the first pass while the second is still being tokenised.
+    """
+
+    def __init__(self, dataset, tokenizer, max_length: int, passes=(False,), workers: int | None = 1):
+        self.dataset, self.tokenizer, self.max_length = dataset, tokenizer, max_length
+        self.passes = list(dict.fromkeys(passes))
+        self.workers = encoding_workers(len(dataset) * len(self.passes), workers)
+        self._done, self._futures, self._pool = {}, {}, None
+        _check_budget(tokenizer, max_length)
+        if self.workers > 1:
+            self._start()
+
+    def _start(self) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else None)
+        self._pool = ProcessPoolExecutor(self.workers, context, initializer=_init_worker,
+                                         initargs=(self.dataset, self.tokenizer, self.max_length))
+        n = len(self.dataset)
+        for swapped in self.passes:
+            self._futures[swapped] = [
+                self._pool.submit(_encode_chunk, start, min(start + CHUNK_ROWS, n), swapped)
+                for start in range(0, n, CHUNK_ROWS)
+            ]
+
+    def rows(self, swapped: bool = False) -> list[list[int]]:
+        """The pass's token ids, one list per row in input order (each pass is handed out once)."""
+        if swapped not in self.passes:
+            raise ValueError(f"pass swapped={swapped} was not encoded (passes {self.passes})")
+        if swapped in self._done:
+            return self._done.pop(swapped)
+        desc = f"Formatting{' swapped' if swapped else ''} rows (max_length={self.max_length})"
+        if self._pool is None:
+            with tqdm(self.dataset, desc=desc) as progress:  # closed (its line ended) before an error is printed
+                return [encode_row(row, self.tokenizer, self.max_length, swapped) for row in progress]
+        out = []
+        try:
+            with tqdm(total=len(self.dataset), desc=f"{desc}, {self.workers} processes", unit="row") as progress:
+                for future in self._futures.pop(swapped):
+                    try:
+                        part = _unflatten(*future.result())
+                    except ROW_ERRORS as err:
+                        # raised here again: from the pool it would read as concurrent.futures' error, not ours
+                        # (`configs.run_main` prints checked errors of this package as one line)
+                        raise type(err)(str(err)) from None
+                    out.extend(part)
+                    progress.update(len(part))
+        except BaseException:
+            self.close()
+            raise
+        if not self._futures:
+            self.close()
+        return out
+
+    def close(self) -> None:
+        """Stop the pool (queued chunks cancelled); idempotent."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+            self._futures.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def encode_rows(dataset, tokenizer, max_length: int, swapped: bool = False, workers: int | None = 1):
+    """Token ids of each arena row's inference prompt (A/B exchanged when `swapped`), in input order: the plain loop
+    of `encode_row` (`workers` 1, the default, or a small input), or a process pool of `workers` (None: one per CPU,
+    at most 16); see `RowEncoding`. The output is the same either way."""
+    with RowEncoding(dataset, tokenizer, max_length, (swapped,), workers) as encoding:
+        return encoding.rows(swapped)
 
 
 def length_sorted_batches(lengths, token_budget: int, max_batch_size: int | None = None) -> list[list[int]]:
@@ -152,9 +310,12 @@ def score_token_rows(model, rows: list[list[int]], letter_ids: list[int], pad_to
 
 
 def score_dataset(model, tokenizer, dataset, max_length: int, swapped: bool = False, token_budget: int = 8192,
-                  max_batch_size: int | None = None, pack: bool = False) -> np.ndarray:
-    """(N, 3) A/B/C logits of arena rows (of the A/B-swapped rows when `swapped`, letters as the model saw them)."""
-    rows = encode_rows(dataset, tokenizer, max_length, swapped)
+                  max_batch_size: int | None = None, pack: bool = False, workers: int | None = 1,
+                  rows: list[list[int]] | None = None) -> np.ndarray:
+    """(N, 3) A/B/C logits of arena rows (of the A/B-swapped rows when `swapped`, letters as the model saw them).
+    `rows`: the rows' token ids when already encoded (`RowEncoding`), else `encode_rows` with `workers`."""
+    if rows is None:
+        rows = encode_rows(dataset, tokenizer, max_length, swapped, workers)
     desc = "Scoring swapped rows" if swapped else "Scoring rows"
     return score_token_rows(model, rows, letter_token_ids(tokenizer), tokenizer.pad_token_id, token_budget,
                             max_batch_size, desc, pack)
@@ -167,6 +328,27 @@ def letter_probs(logits, temperature: float = 1.0, swapped_logits=None, swap_wei
         return probs
     swapped = softmax(swapped_logits, temperature)[:, SWAP_BACK]
     return (1 - swap_weight) * probs + swap_weight * swapped
+
+
+CALIBRATION_TOKENS = 4096  # one packed sequence: a few rows, small enough for eager attention's full score matrix
+
+
+def calibration_forward(rows: list[list[int]], pad_token_id: int, tokens: int = CALIBRATION_TOKENS):
+    """A `model.prepare_for_scoring` calibration: `calibrate(model)` runs the backbone of the (bf16, uncompiled)
+    model over the first packed sequence of `rows` (`tokens` tokens at most, rows longer than that left out), with
+    eager attention."""
+    fitting = [r for r in rows if len(r) <= tokens][:64]
+    if not fitting:
+        raise ValueError(f"no row of at most {tokens} tokens to calibrate FP8 on")
+
+    @torch.inference_mode()
+    def calibrate(model):
+        _, input_ids, position_ids, _ = next(packed_sequences(fitting, tokens, pad_token_id))
+        device = model_device(model)
+        with plain_forward(model):
+            causal_lm_of(model).base_model(input_ids=input_ids.to(device), position_ids=position_ids.to(device),
+                                           attention_mask=None, use_cache=False)
+    return calibrate
 
 
 # ----------------------------------------------------------------------------------------------- parity

@@ -280,6 +280,8 @@ def test_cache_key_follows_what_changes_the_logits(tiny_llama, tmp_path):
         ("--max_rows", ["0"], "max_rows must be >= 1, got 0"),
         ("--token_budget", ["0"], "token_budget must be >= 1, got 0"),
         ("--max_batch_size", ["-3"], "max_batch_size must be >= 1, got -3"),
+        ("--tokenize_workers", ["0"], "tokenize_workers must be >= 1, got 0"),
+        ("--tokenize_workers", ["-2"], "tokenize_workers must be >= 1, got -2"),
         ("--max_length", ["0"], r"max_length must be >= 1 for every member, got \[0\]"),
     ],
 )
