@@ -106,12 +106,16 @@ class MemberScorer:
             passes = [swapped, *(p for p in also if p != swapped)]
             encoding = RowEncoding(rows, self._load_tokenizer(), member["max_length"], passes, args.tokenize_workers)
             self._encodings.update({(tag, p): encoding for p in passes[1:]})
-        self._load()
-        logits = score_dataset(
-            self.model, self.tokenizer, rows, member["max_length"], swapped,
-            self.settings["token_budget"], self.settings["max_batch_size"], self.settings["pack_rows"],
-            rows=encoding.rows(swapped),
-        )
+        try:
+            self._load()
+            logits = score_dataset(
+                self.model, self.tokenizer, rows, member["max_length"], swapped,
+                self.settings["token_budget"], self.settings["max_batch_size"], self.settings["pack_rows"],
+                rows=encoding.rows(swapped),
+            )
+        except BaseException:
+            encoding.close()  # queued chunks cancelled: a failed load does not wait for the rows at exit
+            raise
         if state.num_processes > 1:
             logits = gather_shards(len(dataset), shard, logits)
         if state.is_main_process:

@@ -133,7 +133,7 @@ class RowEncoding:
         self.dataset, self.tokenizer, self.max_length = dataset, tokenizer, max_length
         self.passes = list(dict.fromkeys(passes))
         self.workers = encoding_workers(len(dataset) * len(self.passes), workers)
-        self._done, self._futures, self._pool = {}, {}, None
+        self._futures, self._pool = {}, None
         _check_budget(tokenizer, max_length)
         if self.workers > 1:
             self._start()
@@ -154,19 +154,18 @@ class RowEncoding:
             ]
 
     def rows(self, swapped: bool = False) -> list[list[int]]:
-        """The pass's token ids, one list per row in input order (each pass is handed out once)."""
+        """The pass's token ids, one list per row in input order."""
         if swapped not in self.passes:
             raise ValueError(f"pass swapped={swapped} was not encoded (passes {self.passes})")
-        if swapped in self._done:
-            return self._done.pop(swapped)
         desc = f"Formatting{' swapped' if swapped else ''} rows (max_length={self.max_length})"
-        if self._pool is None:
+        futures = self._futures.pop(swapped, None)
+        if futures is None:  # one worker (or a pass asked for again after the pool has handed it out): the loop
             with tqdm(self.dataset, desc=desc) as progress:  # closed (its line ended) before an error is printed
                 return [encode_row(row, self.tokenizer, self.max_length, swapped) for row in progress]
         out = []
         try:
             with tqdm(total=len(self.dataset), desc=f"{desc}, {self.workers} processes", unit="row") as progress:
-                for future in self._futures.pop(swapped):
+                for future in futures:
                     try:
                         part = _unflatten(*future.result())
                     except ROW_ERRORS as err:

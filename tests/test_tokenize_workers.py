@@ -175,3 +175,24 @@ def test_eval_swap_tta_tokenises_both_passes_in_one_pool(tiny_llama, tmp_path, s
                                   256, "--out", tmp_path / "eval2", "--swap_tta", "true", "--report", "false",
                                   "--overwrite", "true", "--tokenize_workers", 2]])
     assert len(started) == 2  # both passes cached: nothing tokenised
+
+
+def test_make_rows_writes_a_loadable_file_outside_the_repo(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import make_rows
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    out = tmp_path / "rows.csv"
+    make_rows.main(["--rows", "250", "--out", str(out), "--source", str(ARENA_SAMPLE)])
+    data = load_arena(str(out))
+    source = load_arena(str(ARENA_SAMPLE))
+    assert len(data) == 250 and len(set(data["id"])) == 250
+    assert data[0]["id"] == f"0-{source[0]['id']}" and data[100]["id"] == f"1-{source[0]['id']}"
+    assert data[130]["prompt"] == source[30]["prompt"] and data[130]["label"] == source[30]["label"]
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.csv"]  # no temp file left
+    with pytest.raises(SystemExit):
+        make_rows.main(["--rows", "10", "--out", str(REPO / "rows.csv")])
+    assert not (REPO / "rows.csv").exists()
