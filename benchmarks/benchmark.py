@@ -150,11 +150,12 @@ def precision(args):
 
     command = command_line()
     results = compare_precisions(args.base_model, args.adapters, args.data, args.max_length, args.precisions,
-                                 args.baseline, args.rows, args.temperature, token_budget=args.token_budget)
-    print(f"\n{'precision':<10}{'log loss':>10}{'accuracy':>10}  {'Δ vs ' + args.baseline:>18}{'mean|Δp|':>10}")
+                                 args.baseline, args.rows, args.temperature, token_budget=args.token_budget,
+                                 variants=parse_variants(args.variant or []), swap_tta=args.swap_tta)
+    print(f"\n{'variant':<16}{'log loss':>10}{'accuracy':>10}  {'Δ vs ' + args.baseline:>18}{'mean|Δp|':>10}")
     for result in results:
         append_result(args.results, args.base_model, result, command, "precision")
-        print(f"{result['precision']:<10}{result['log_loss']:>10.4f}{result['accuracy']:>10.3f}  "
+        print(f"{result['variant']:<16}{result['log_loss']:>10.4f}{result['accuracy']:>10.3f}  "
               f"{result['delta_log_loss']:>+10.4f} ± {result['delta_log_loss_se']:.4f}"
               f"{result['mean_abs_prob_diff']:>10.4f}")
     return results
@@ -215,7 +216,12 @@ def main(argv=None):
     p.add_argument("--adapters", nargs="*", default=[], help="LoRA adapter folders")
     p.add_argument("--data", required=True, help="labelled arena file")
     p.add_argument("--max_length", type=int, required=True, help="inference max length")
-    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "fp8"], help="e.g. fp32 bf16 fp8 4bit")
+    p.add_argument("--precisions", nargs="*", default=["fp32", "bf16", "fp8"],
+                   help="plain precisions (padded, uncompiled), e.g. fp32 bf16 fp8 4bit")
+    p.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
+                   help="scoring variant: eval's scoring keys (its defaults for the device), fp8_keep=[down_proj], "
+                        "fp8_keep_fraction=0.1, fp8_fast_accum=false")
+    p.add_argument("--swap_tta", action="store_true", help="also score the A/B-swapped rows and average (eval's TTA)")
     p.add_argument("--baseline", default="fp32", help="the precision the others are compared with")
     p.add_argument("--rows", type=int, default=None, help="the first N rows of --data")
     p.add_argument("--temperature", type=float, default=1.0)

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from accelerate.utils.memory import clear_device_cache
 
+from lmsys_trl import kernels
 from lmsys_trl.evaluation import SCORING_KEYS, EvalArguments, resolve_scoring
 from lmsys_trl.kernels import attention_kwargs
 from lmsys_trl.metrics import softmax
 from lmsys_trl.model import KBIT, LOAD_DTYPES, letter_token_ids, load_model, prepare_for_scoring
-from lmsys_trl.scoring import plain_forward, plain_letter_logits, score_token_rows
+from lmsys_trl.scoring import calibration_forward, plain_forward, plain_letter_logits, score_token_rows
 
 
 # The 38th-place recipe's scoring: 4-bit base + LoRA, eager attention, batches of 4 length-sorted left-padded rows,
@@ -30,7 +31,10 @@ from lmsys_trl.scoring import plain_forward, plain_letter_logits, score_token_ro
 REFERENCE = {"precision": "4bit", "attn_implementation": "eager", "max_batch_size": 4, "token_budget": 1 << 30,
              "pack_rows": False, "merge_adapters": False, "compile_layers": False}
 LORA = dict(r=32, lora_alpha=64, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-BENCH_KEYS = ("swap_tta",)  # benchmark-only variant key: also score the A/B-swapped rows in every pass
+# benchmark-only variant keys: also score the A/B-swapped rows in every pass; `model.prepare_for_scoring`'s FP8 options
+# (fp8_keep_fraction calibrates on the first rows); the flex kernel's tile options for head_dim 256 ({}: PyTorch's own)
+BENCH_KEYS = ("swap_tta", "fp8_keep", "fp8_keep_fraction", "fp8_fast_accum", "flex_kernel_options")
+FP8_KEYS = ("fp8_keep", "fp8_keep_fraction", "fp8_fast_accum")
 
 
 def scoring_settings(overrides: dict, device: str) -> dict:
@@ -41,7 +45,7 @@ def scoring_settings(overrides: dict, device: str) -> dict:
         allowed = ", ".join(SCORING_KEYS + BENCH_KEYS)
         raise ValueError(f"unknown scoring keys {sorted(unknown)}; variants may set {allowed}")
     defaults = {f.name: f.default for f in fields(EvalArguments) if f.name in SCORING_KEYS}
-    settings = resolve_scoring({**defaults, **overrides}, device)
+    settings = resolve_scoring({**defaults, **{k: v for k, v in overrides.items() if k in SCORING_KEYS}}, device)
     if settings["precision"] in KBIT and not device.startswith("cuda"):
         print(f"precision {settings['precision']} needs CUDA (bitsandbytes): this run uses fp32", flush=True)
         settings["precision"] = "fp32"
@@ -75,7 +79,8 @@ def build_scoring_model(shape: str, tokenizer, settings: dict, device: str, num_
         quantize_nf4(model)
     torch.manual_seed(1)
     model = get_peft_model(model, LoraConfig(**LORA, init_lora_weights=False, task_type="CAUSAL_LM"))
-    return prepare_for_scoring(model, precision, settings["merge_adapters"], settings["compile_layers"])
+    return prepare_for_scoring(model, precision, settings["merge_adapters"], settings["compile_layers"],
+                               **settings.get("fp8", {}))
 
 
 def load_trained_model(base_model: str, adapters: list[str], settings: dict, device: str):
@@ -84,7 +89,7 @@ def load_trained_model(base_model: str, adapters: list[str], settings: dict, dev
     return load_model(
         base_model, adapters, settings["precision"], device, settings["attn_implementation"],
         attn_softcapping=settings["attn_softcapping"], merge_adapters=settings["merge_adapters"],
-        compile_layers=settings["compile_layers"],
+        compile_layers=settings["compile_layers"], **settings.get("fp8", {}),
     )
 
 
@@ -104,7 +109,27 @@ def run_variant(name: str, overrides: dict, build_model, tokenizer, rows: list[l
     tta = bool(overrides.get("swap_tta"))
     if tta and swapped_rows is None:
         raise ValueError(f"variant {name}: swap_tta needs the swapped rows")
-    model = build_model(settings, device)
+    fp8 = {k: tuple(v) if k == "fp8_keep" else v for k, v in overrides.items() if k in FP8_KEYS}
+    if fp8.get("fp8_keep_fraction"):
+        fp8["calibrate"] = calibration_forward(rows, tokenizer.pad_token_id)
+    flex_options = kernels.LARGE_HEAD_KERNEL_OPTIONS
+    if "flex_kernel_options" in overrides:
+        kernels.LARGE_HEAD_KERNEL_OPTIONS = overrides["flex_kernel_options"]
+    try:
+        model = build_model({**settings, "fp8": fp8}, device)
+        result = _measure(name, overrides, settings, model, tokenizer, rows, passes, warmup_passes, parity_rows,
+                          swapped_rows, device)
+    finally:
+        kernels.LARGE_HEAD_KERNEL_OPTIONS = flex_options
+    result["fp8_layers"] = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
+    model = None  # free the GPU memory before the next variant
+    clear_device_cache(garbage_collection=True)
+    return result
+
+
+def _measure(name, overrides, settings, model, tokenizer, rows, passes, warmup_passes, parity_rows, swapped_rows,
+             device) -> dict:
+    tta = bool(overrides.get("swap_tta"))
     letter_ids = letter_token_ids(tokenizer)
 
     def score():
@@ -149,6 +174,4 @@ def run_variant(name: str, overrides: dict, build_model, tokenizer, rows: list[l
         "settings": settings,
         "overrides": overrides,
     }
-    model = None  # (the score() closure holds it too) free the GPU memory before the next variant
-    clear_device_cache(garbage_collection=True)
     return result

@@ -179,6 +179,7 @@ def variant_config(recipe: str, overrides: dict, output_dir: str, max_steps: int
         overrides["attn_implementation"] = "eager" if "gemma" in keys["model_name_or_path"] else "sdpa"
     if overrides.get("max_length") == "ROW_MAX_LENGTH":  # unpacked rows: max_length is one row's budget
         overrides["max_length"] = keys.get("row_max_length") or keys["max_length"]
+    overrides.pop("flex_kernel_options", None)  # not a recipe key: `run_variant` sets it on lmsys_trl.kernels
     keys.update(overrides)
     keys.update(
         output_dir=output_dir, max_steps=max_steps, save_strategy="no", eval_strategy="no", report_to="none",
@@ -196,6 +197,19 @@ def variant_config(recipe: str, overrides: dict, output_dir: str, max_steps: int
 def run_variant(name, overrides, recipe, shape, tokenizer, records, warmup: int, steps: int, num_layers=None,
                 profile: bool = False, model_dir: str | None = None) -> dict:
     """Train `warmup + steps` (+1 profiled) optimiser steps of one variant; returns its measured numbers."""
+    from lmsys_trl import kernels
+
+    flex_options = kernels.LARGE_HEAD_KERNEL_OPTIONS
+    if "flex_kernel_options" in overrides:  # the flex kernel's tiles for head_dim 256 ({}: PyTorch's own choice)
+        kernels.LARGE_HEAD_KERNEL_OPTIONS = overrides["flex_kernel_options"]
+    try:
+        return _run_variant(name, overrides, recipe, shape, tokenizer, records, warmup, steps, num_layers, profile,
+                            model_dir)
+    finally:
+        kernels.LARGE_HEAD_KERNEL_OPTIONS = flex_options
+
+
+def _run_variant(name, overrides, recipe, shape, tokenizer, records, warmup, steps, num_layers, profile, model_dir):
     from peft import LoraConfig
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

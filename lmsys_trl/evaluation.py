@@ -49,11 +49,11 @@ class EvalArguments:
     )
     empty_shift: float = option(0.5, "Share of an empty side's probability given to the other side.")
     identical_shift: float = option(0.5, "Share of P(A)+P(B) given to tie for identical responses.")
-    precision: str = option("auto", f"Base weights: {', '.join(PRECISIONS)} (auto: bf16 on a GPU, no worse than fp32 "
-                            "in log loss on real weights; fp32 on CPU. fp8: faster, opt-in, costs +0.028 log loss "
-                            "against fp32 on real weights (H200, docs/benchmarks.md); bf16 load, adapters merged, "
-                            "linear layers FP8 with per-row scales. 4bit (the reference): +0.074. k-bit: "
-                            "bitsandbytes, CUDA).")
+    precision: str = option("auto", f"Base weights: {', '.join(PRECISIONS)} (auto: bf16 on a GPU, log loss within "
+                            "-0.004 / +0.006 of fp32 on two real adapters; fp32 on CPU. fp8: 1.5x bf16's speed, "
+                            "opt-in, moves log loss by 0.03-0.04 against fp32 on real weights (+0.028, -0.042; H200, "
+                            "docs/benchmarks.md); bf16 load, adapters merged, linear layers FP8 with per-row scales. "
+                            "4bit (the reference): +0.074. k-bit: bitsandbytes, CUDA).")
     attn_implementation: str | None = option(None, "Attention kernel (default: on GPU with packed rows the compiled "
                                              "flex kernel lmsys_flex; otherwise eager for gemma-2, the library "
                                              "default for others).")

@@ -176,11 +176,17 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def prepare_for_scoring(model, precision: str, merge_adapters: bool = True, compile_layers: bool = False):
+def prepare_for_scoring(model, precision: str, merge_adapters: bool = True, compile_layers: bool = False,
+                        fp8_keep: tuple[str, ...] = (), fp8_keep_fraction: float = 0.0, calibrate=None,
+                        fp8_fast_accum: bool = True):
     """The model as it is scored: LoRA adapters merged into the base (always for fp8), linear layers in FP8 for
     `precision="fp8"`, decoder layers compiled in place (`compile_decoder_layers`, not accelerate's `compile_regions`:
     that returns a copy whose layers are `OptimizedModule` wrappers, which `scoring.plain_forward` cannot switch off
-    for its parity reference); returns the (possibly unwrapped) model in eval mode."""
+    for its parity reference); returns the (possibly unwrapped) model in eval mode.
+
+    FP8 keeps in bf16 the linear layers whose name ends with an entry of `fp8_keep`, and with `fp8_keep_fraction` > 0
+    that fraction of them with the largest FP8 output error on one calibration pass (`calibrate(model)` runs a
+    forward of the bf16 model, e.g. `scoring.calibration_forward`; `fp8.fp8_output_errors` measures every layer)."""
     from peft import PeftModel
 
     if isinstance(model, PeftModel) and (merge_adapters or precision == "fp8"):
@@ -188,10 +194,16 @@ def prepare_for_scoring(model, precision: str, merge_adapters: bool = True, comp
             raise ValueError(f"LoRA adapters cannot be merged into a {precision} base; score them unmerged")
         model = model.merge_and_unload()
     if precision == "fp8":
-        from .fp8 import check_fp8_device, quantize_linear_layers
+        from .fp8 import check_fp8_device, fp8_output_errors, most_sensitive, quantize_linear_layers
 
         check_fp8_device(next(model.parameters()).device)
-        quantize_linear_layers(model)
+        keep = ("lm_head", *fp8_keep)
+        skip = []
+        if fp8_keep_fraction > 0:
+            if calibrate is None:
+                raise ValueError("fp8_keep_fraction needs calibration rows (calibrate)")
+            skip = most_sensitive(fp8_output_errors(model, lambda: calibrate(model), keep), fp8_keep_fraction)
+        quantize_linear_layers(model, keep, skip, fp8_fast_accum)
     if compile_layers:
         compile_decoder_layers(model)
     return model.eval()
@@ -200,10 +212,10 @@ def prepare_for_scoring(model, precision: str, merge_adapters: bool = True, comp
 def load_model(base_model: str, adapters: list[str], precision: str = "auto", device: str = "auto",
                attn_implementation: str | None = None, allow_base_mismatch: bool = False,
                trust_remote_code: bool = False, attn_softcapping: bool = True, merge_adapters: bool = False,
-               compile_layers: bool = False):
+               compile_layers: bool = False, **fp8_options):
     """Base model (local path or hub id) at `precision`, with LoRA adapters applied together, then
-    `prepare_for_scoring` (merge, FP8, compile); eval mode. Several adapters are stacked: all of them are active at
-    once (their weight deltas add up)."""
+    `prepare_for_scoring` (merge, FP8 with `fp8_options`, compile); eval mode. Several adapters are stacked: all of
+    them are active at once (their weight deltas add up)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -226,4 +238,4 @@ def load_model(base_model: str, adapters: list[str], precision: str = "auto", de
             model.load_adapter(adapter, adapter_name=name)
     if len(adapters) > 1:
         model.base_model.set_adapter(names)
-    return prepare_for_scoring(model, precision, merge_adapters, compile_layers)
+    return prepare_for_scoring(model, precision, merge_adapters, compile_layers, **fp8_options)

@@ -12,11 +12,11 @@ from torch import nn
 
 from lmsys_trl.data import load_arena
 from lmsys_trl.evaluation import resolve_scoring
-from lmsys_trl.fp8 import Float8Linear, quantize_linear_layers
+from lmsys_trl.fp8 import Float8Linear, fp8_output_errors, most_sensitive, quantize_linear_layers
 from lmsys_trl.kernels import compile_decoder_layers, decoder_layers
 from lmsys_trl.metrics import softmax
 from lmsys_trl.model import letter_token_ids, load_model, load_tokenizer, prepare_for_scoring
-from lmsys_trl.scoring import encode_rows, plain_forward, plain_letter_logits, score_token_rows
+from lmsys_trl.scoring import calibration_forward, encode_rows, plain_forward, plain_letter_logits, score_token_rows
 
 from conftest import ARENA_SAMPLE, PANDALM
 
@@ -48,6 +48,30 @@ def test_quantize_linear_layers_keeps_the_lm_head(tiny_llama):
         quantize_linear_layers(model.model.layers[0])
 
 
+def test_calibration_ranks_the_layer_whose_inputs_fp8_crushes():
+    """A layer fed one huge channel (which its weights ignore) loses the other channels to the per-token scale: the
+    calibration pass measures its FP8 output error as the largest, and `most_sensitive` keeps it in bf16."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"plain": nn.Linear(64, 32), "outlier": nn.Linear(64, 32)}).to(torch.bfloat16)
+    with torch.no_grad():
+        model["outlier"].weight[:, 0] = 0
+    x = torch.randn(48, 64, dtype=torch.bfloat16)
+    spiky = x.clone()
+    spiky[:, 0] = 1e6  # the other channels fall below e4m3's smallest step once scaled
+
+    def forward():
+        model["plain"](x), model["outlier"](spiky)
+
+    errors = fp8_output_errors(model, forward)
+    assert 1e-3 < errors["plain"] < 0.06 and errors["outlier"] > 0.5
+    assert most_sensitive(errors, 0.5) == ["outlier"] and most_sensitive(errors, 0.01) == ["outlier"]
+    assert most_sensitive(errors, 0.0) == [] and most_sensitive(errors, 1.0) == ["outlier", "plain"]
+    with pytest.raises(ValueError, match="fraction must be in"):
+        most_sensitive(errors, 1.5)
+    assert quantize_linear_layers(model, skip=most_sensitive(errors, 0.5)) == 1
+    assert type(model["outlier"]) is nn.Linear and isinstance(model["plain"], Float8Linear)
+
+
 @pytest.fixture(scope="module")
 def rows_and_adapter(tiny_llama, tmp_path_factory):
     """Inference rows of varied length and a random LoRA adapter saved for the tiny llama."""
@@ -77,6 +101,26 @@ def test_merged_adapter_scores_like_the_unmerged_one(tiny_llama, rows_and_adapte
     assert not any("lora" in name for name, _ in merged.named_modules())
     np.testing.assert_allclose(letter_logits(merged, tokenizer, rows, True),
                                letter_logits(unmerged, tokenizer, rows, True), atol=1e-4, rtol=0)
+
+
+def test_fp8_keeps_named_and_calibrated_layers_in_bf16(tiny_llama, rows_and_adapter):
+    tokenizer, rows, adapter = rows_and_adapter
+    load = lambda **kw: load_model(str(tiny_llama), [adapter], precision="fp8", device="cpu", **kw)  # noqa: E731
+
+    def fp8_layers(model):
+        return sorted(name for name, m in model.named_modules() if isinstance(m, Float8Linear))
+
+    everything = fp8_layers(load())
+    assert len(everything) == 14  # 7 linear layers x 2
+    assert fp8_layers(load(fp8_keep=("down_proj",))) == [n for n in everything if not n.endswith("down_proj")]
+    calibrate = calibration_forward(rows, tokenizer.pad_token_id, tokens=512)
+    calibrated = fp8_layers(load(fp8_keep_fraction=0.25, calibrate=calibrate))
+    assert len(calibrated) == 14 - 4 and set(calibrated) < set(everything)
+    assert fp8_layers(load(fp8_keep_fraction=0.25, calibrate=calibrate)) == calibrated  # the same rows: same choice
+    with pytest.raises(ValueError, match="needs calibration rows"):
+        load(fp8_keep_fraction=0.25)
+    with pytest.raises(ValueError, match="no row of at most 8 tokens"):
+        calibration_forward(rows, tokenizer.pad_token_id, tokens=8)
 
 
 def test_fp8_packed_path_matches_the_plain_fp8_forward(tiny_llama, rows_and_adapter):

@@ -52,3 +52,32 @@ def test_infer_needs_exactly_one_model_source(benchmark_main, args, message, cap
     with pytest.raises(SystemExit):
         benchmark_main(["infer", "--data", str(PANDALM), *args])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fp8_variants_and_flex_options_are_per_variant(benchmark_main, tmp_path):
+    """The benchmark-only keys: FP8 layers kept in bf16 by name or by calibration, and the flex tiles of a variant
+    (restored afterwards)."""
+    from lmsys_trl import kernels
+
+    from conftest import ARENA_SAMPLE, TOKENIZERS
+
+    before = dict(kernels.LARGE_HEAD_KERNEL_OPTIONS)
+    results = tmp_path / "results.jsonl"
+    benchmark_main([
+        "infer", "--shape", "llama-3.1-tiny", "--tokenizer", str(TOKENIZERS / "llama-3.1"),
+        "--data", str(ARENA_SAMPLE), "--max_length", "256", "--rows", "4", "--parity_rows", "2",
+        "--results", str(results),
+        "--only", "fp8", "keep-down", "calibrated", "tiles",
+        "--variant", "fp8", "precision=fp8",
+        "--variant", "keep-down", "precision=fp8", "fp8_keep=[down_proj]",
+        "--variant", "calibrated", "precision=fp8", "fp8_keep_fraction=0.5",
+        "--variant", "tiles", "flex_kernel_options={}",
+    ])
+    lines = {line["variant"]: line for line in map(json.loads, results.read_text().splitlines())}
+    assert list(lines) == ["fp8", "keep-down", "calibrated", "tiles"]
+    every = lines["fp8"]["fp8_layers"]
+    assert every > 0 and lines["keep-down"]["fp8_layers"] == every * 6 // 7  # one of q k v o gate up down per layer
+    assert lines["calibrated"]["fp8_layers"] == every - every // 2 and lines["tiles"]["fp8_layers"] == 0
+    assert lines["tiles"]["overrides"] == {"flex_kernel_options": {}}
+    assert kernels.LARGE_HEAD_KERNEL_OPTIONS == before

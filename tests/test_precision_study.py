@@ -51,3 +51,20 @@ def test_unlabelled_rows_are_refused(benchmarks, tiny_llama):
         compare_precisions(str(tiny_llama), [], str(KAGGLE_TEST), 128, ["fp32"], "fp32", rows=2)
     with pytest.raises(ValueError, match="baseline 'bf16' must be one of"):
         compare_precisions(str(tiny_llama), [], str(PANDALM), 128, ["fp32"], "bf16", rows=2)
+
+
+@pytest.mark.slow
+def test_precision_variants_score_like_eval_with_swap_tta(benchmarks, tiny_llama, tmp_path):
+    """Named variants take eval's scoring keys (+ the FP8 ones); with swap TTA every row is scored both ways."""
+    from precision_study import compare_precisions
+
+    results = compare_precisions(
+        str(tiny_llama), [], str(PANDALM), 128, ["fp32"], "fp32", rows=6, swap_tta=True,
+        variants={"packed": {"precision": "fp32", "pack_rows": True, "token_budget": 512},
+                  "fp8-half": {"precision": "fp8", "fp8_keep_fraction": 0.5}},
+    )
+    lines = {line["variant"]: line for line in results}
+    assert list(lines) == ["fp32", "packed", "fp8-half"] and all(line["swap_tta"] for line in results)
+    assert lines["packed"]["settings"]["pack_rows"] and abs(lines["packed"]["delta_log_loss"]) < 1e-6  # same function
+    assert lines["fp8-half"]["fp8_layers"] == 7 and lines["fp8-half"]["mean_abs_prob_diff"] > 0  # 14 linear layers
+    assert lines["fp32"]["fp8_layers"] == 0 and all(line["seconds"] > 0 for line in results)
