@@ -40,6 +40,8 @@ def test_every_training_recipe_parses_and_meets_the_invariants(recipe):
         assert model_args.attn_implementation == "lmsys_flex"
     if model_args.load_in_4bit:
         assert model_args.dtype == "bfloat16" and training_args.bf16
+    if "\nuse_cpu: true" in text:  # TRL's SFTConfig defaults bf16 to True: CPU bf16 autocast, ~9x slower than fp32
+        assert "\nbf16: false" in text, f"{recipe.name}: a CPU recipe must set bf16: false (TRL's default is True)"
     for line in text.splitlines():  # every knob says why
         key = line.split(":")[0]
         if key in ("learning_rate", "lora_r", "lora_alpha", "lora_dropout", "save_steps", "max_length"):
