@@ -115,6 +115,21 @@ def clean_orphans(out: str) -> list[str]:
     return removed
 
 
+_HELD_LOCKS = set()  # descriptors of the output locks this process holds (see `release_inherited_locks`)
+
+
+def release_inherited_locks() -> None:
+    """In a forked child (e.g. a tokenisation worker): close the inherited descriptors of the parent's output locks. A
+    `flock` lasts while any descriptor of it is open, so a worker outliving a killed parent would otherwise keep
+    `out` locked against the `--resume` run; the parent's own descriptors stay open and locked."""
+    for fd in list(_HELD_LOCKS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
 @contextlib.contextmanager
 def output_lock(out: str):
     """Hold `out` for one run: an exclusive `flock` on `<out>/.lock`, released when the block ends (or the process
@@ -136,8 +151,10 @@ def output_lock(out: str):
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD_LOCKS.add(fd)
         yield
     finally:
+        _HELD_LOCKS.discard(fd)
         os.close(fd)  # closing the descriptor releases the lock
 
 

@@ -27,6 +27,7 @@ from .formatting import (
     comparison_text,
     format_example,
 )
+from .io import release_inherited_locks
 from .kernels import decoder_layers
 from .metrics import softmax
 from .model import causal_lm_of, letter_logits_from_hidden, letter_token_ids, load_tokenizer
@@ -94,6 +95,7 @@ _WORKER = {}
 
 
 def _init_worker(dataset, tokenizer, max_length: int) -> None:
+    release_inherited_locks()  # a worker must not keep --out locked if the run is killed
     _WORKER.update(dataset=dataset, tokenizer=tokenizer, max_length=max_length)
 
 

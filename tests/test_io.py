@@ -110,3 +110,37 @@ def test_final_probabilities_are_checked():
                      ([[0.2, 0.2, 0.2]], "do not sum to 1")]:
         with pytest.raises(RuntimeError, match=why):
             io.check_probabilities(np.array(bad))
+
+
+def test_a_forked_child_does_not_keep_the_output_locked(tmp_path):
+    """Tokenisation workers are forked while eval holds `<out>/.lock`: once they close their inherited descriptor
+    (`release_inherited_locks`, in each worker's initializer), the lock dies with the parent, not with the last
+    worker (a killed eval's workers kept a --resume run out)."""
+    import fcntl
+    import os
+    import signal
+    import time
+
+    from lmsys_trl.io import LOCK_FILE, output_lock, release_inherited_locks
+
+    out = str(tmp_path)
+    read, write = os.pipe()
+    with output_lock(out):
+        pid = os.fork()
+        if pid == 0:  # the child: drop the inherited lock, then outlive the parent's hold
+            release_inherited_locks()
+            os.write(write, b"x")
+            time.sleep(30)
+            os._exit(0)
+        os.read(read, 1)
+    try:
+        fd = os.open(os.path.join(out, LOCK_FILE), os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free although the child still runs
+        finally:
+            os.close(fd)
+        with output_lock(out):
+            pass
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

@@ -368,9 +368,9 @@ def test_eval_killed_mid_run_leaves_no_partial_results_and_resume_reuses_the_cac
     passes = []
     score_dataset = lmsys_trl.scoring.score_dataset
 
-    def counting(model, tokenizer, dataset, max_length, swapped=False, *args):
+    def counting(model, tokenizer, dataset, max_length, swapped=False, *args, **kwargs):
         passes.append(swapped)
-        return score_dataset(model, tokenizer, dataset, max_length, swapped, *args)
+        return score_dataset(model, tokenizer, dataset, max_length, swapped, *args, **kwargs)
 
     monkeypatch.setattr(lmsys_trl.scoring, "score_dataset", counting)
     metrics = script("eval")([str(a) for a in argv + ["--resume"]])
