@@ -52,6 +52,14 @@ def scoring_settings(overrides: dict, device: str) -> dict:
     return settings
 
 
+def fp8_options(overrides: dict, rows: list[list[int]], pad_token_id: int) -> dict:
+    """`model.prepare_for_scoring`'s FP8 keyword arguments from a variant's keys (calibrating on `rows`)."""
+    fp8 = {k: tuple(v) if k == "fp8_keep" else v for k, v in overrides.items() if k in FP8_KEYS}
+    if fp8.get("fp8_keep_fraction"):
+        fp8["calibrate"] = calibration_forward(rows, pad_token_id)
+    return fp8
+
+
 def build_scoring_model(shape: str, tokenizer, settings: dict, device: str, num_layers: int | None = None):
     """Random-weight model of `shape` with a random LoRA adapter, at the variant's (resolved) settings and made ready
     by `model.prepare_for_scoring`, as `model.load_model` does for real weights."""
@@ -109,9 +117,7 @@ def run_variant(name: str, overrides: dict, build_model, tokenizer, rows: list[l
     tta = bool(overrides.get("swap_tta"))
     if tta and swapped_rows is None:
         raise ValueError(f"variant {name}: swap_tta needs the swapped rows")
-    fp8 = {k: tuple(v) if k == "fp8_keep" else v for k, v in overrides.items() if k in FP8_KEYS}
-    if fp8.get("fp8_keep_fraction"):
-        fp8["calibrate"] = calibration_forward(rows, tokenizer.pad_token_id)
+    fp8 = fp8_options(overrides, rows, tokenizer.pad_token_id)
     flex_options = kernels.LARGE_HEAD_KERNEL_OPTIONS
     if "flex_kernel_options" in overrides:
         kernels.LARGE_HEAD_KERNEL_OPTIONS = overrides["flex_kernel_options"]

@@ -19,25 +19,16 @@ from accelerate.utils.memory import clear_device_cache
 from lmsys_trl.data import load_arena
 from lmsys_trl.metrics import accuracy, log_loss, row_log_loss
 from lmsys_trl.model import KBIT, letter_token_ids, load_model
-from lmsys_trl.scoring import calibration_forward, encode_rows, letter_probs, load_scoring_tokenizer, score_token_rows
-
-
-FP8_KEYS = ("fp8_keep", "fp8_keep_fraction", "fp8_fast_accum")
+from lmsys_trl.scoring import encode_rows, letter_probs, load_scoring_tokenizer, score_token_rows
 
 
 def _variant_model(base_model, adapters, overrides: dict, device: str, rows, pad_token_id):
     """(model, settings) of a named variant, loaded as `scripts/eval.py` loads it."""
-    from infer_bench import scoring_settings
+    from infer_bench import fp8_options, load_trained_model, scoring_settings
 
-    fp8 = {k: overrides[k] for k in FP8_KEYS if k in overrides}
-    if "fp8_keep" in fp8:
-        fp8["fp8_keep"] = tuple(fp8["fp8_keep"])
-    if fp8.get("fp8_keep_fraction"):
-        fp8["calibrate"] = calibration_forward(rows, pad_token_id)
-    settings = scoring_settings({k: v for k, v in overrides.items() if k not in FP8_KEYS}, device)
-    model = load_model(base_model, adapters, settings["precision"], device, settings["attn_implementation"],
-                       attn_softcapping=settings["attn_softcapping"], merge_adapters=settings["merge_adapters"],
-                       compile_layers=settings["compile_layers"], **fp8)
+    settings = scoring_settings(overrides, device)
+    model = load_trained_model(base_model, adapters, {**settings, "fp8": fp8_options(overrides, rows, pad_token_id)},
+                               device)
     return model, settings
 
 
@@ -78,7 +69,7 @@ def compare_precisions(base_model: str, adapters: list[str], data: str, max_leng
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         info[name] = {"seconds": round(time.perf_counter() - start, 2), "overrides": overrides,
-                      "settings": {k: v for k, v in settings.items() if k != "calibrate"},
+                      "settings": settings,
                       "fp8_layers": sum(type(m).__name__ == "Float8Linear" for m in model.modules())}
         probs[name] = letter_probs(logits[0], temperature, logits[1] if swap_tta else None)
         del model
